@@ -1,0 +1,214 @@
+"""Real PostgreSQL for every test.
+
+With ``DATABASE_URL`` set, the run creates its own databases on that server (a template and
+one clone per test) and drops them at the end, touching no other database. Without it, an
+embedded server is started in ``.data/pg-test`` on a free port (and stopped afterwards).
+Migrations run once into the template; each test gets ``CREATE DATABASE ... TEMPLATE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlparse
+
+import jwt
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from upshift_platform import embedded
+from upshift_platform.migrate import migrate
+from upshift_platform.paths import project_root
+
+TEST_JWT_SECRET = "test-secret-for-hs256-tokens-only-in-tests-0123456789"
+RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+def _with_db(url: str, name: str) -> str:
+    return urlparse(url)._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    data_dir = project_root() / ".data" / "pg-test"
+    already = embedded.running_url(data_dir)
+    srv = embedded.up(data_dir, embedded.free_port(), fast=True)
+    try:
+        yield srv.url
+    finally:
+        if already is None:
+            srv.stop()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server_url: str) -> Iterator[str]:
+    name = f"upshift_test_{RUN_ID}_tmpl"
+    admin = psycopg.connect(pg_server_url, autocommit=True)
+    admin.execute(f'create database "{name}"')
+    migrate(_with_db(pg_server_url, name), log=lambda _m: None)
+    try:
+        yield name
+    finally:
+        rows = admin.execute(
+            "select datname from pg_database where datname like %s", (f"upshift_test_{RUN_ID}_%",)
+        ).fetchall()
+        for (db,) in rows:
+            admin.execute(f'drop database if exists "{db}" with (force)')
+        admin.close()
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def db_url(pg_server_url: str, template_db: str) -> str:
+    name = f"upshift_test_{RUN_ID}_{next(_counter)}"
+    with psycopg.connect(pg_server_url, autocommit=True) as admin:
+        for attempt in range(50):
+            try:
+                admin.execute(f'create database "{name}" template "{template_db}"')
+                break
+            except psycopg.errors.ObjectInUse:  # template briefly busy
+                time.sleep(0.05 * (attempt + 1))
+    return _with_db(pg_server_url, name)
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """A superuser connection (the table owner) to this test's database, autocommit."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+# --- identities ------------------------------------------------------------------------------
+
+
+class World:
+    """Creates users, orgs and members directly (as the owner), for arranging tests."""
+
+    def __init__(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        self.conn = conn
+
+    def user(self, email: str | None = None) -> str:
+        email = email or f"user-{uuid.uuid4().hex[:8]}@example.test"
+        row = self.conn.execute(
+            "insert into auth.users (email) values (%s) returning id", (email,)
+        ).fetchone()
+        assert row is not None
+        return str(row["id"])
+
+    def org(self, slug: str | None = None, *, plan: str = "team", balance: int = 0,
+            admin: str | None = None) -> str:
+        slug = slug or f"org-{uuid.uuid4().hex[:8]}"
+        row = self.conn.execute(
+            "insert into public.orgs (slug, name, plan) values (%s, %s, %s) returning id",
+            (slug, slug.title(), plan),
+        ).fetchone()
+        assert row is not None
+        org_id = str(row["id"])
+        if balance:
+            self.set_org_balance(org_id, balance)
+        if admin:
+            self.member(org_id, admin, "admin")
+        return org_id
+
+    def set_org_balance(self, org_id: str, balance: int) -> None:
+        """Give an org credits the way the platform does (through the ledger when it exists)."""
+        has_grant = self.conn.execute(
+            "select to_regprocedure('public.grant_credits(bigint,text,text,uuid,text,jsonb)') is not null as ok"
+        ).fetchone()
+        if has_grant and has_grant["ok"]:
+            self.conn.execute(
+                "select public.grant_credits(%s, 'admin_grant', %s, null, %s)",
+                (balance, org_id, f"test-{uuid.uuid4().hex}"),
+            )
+        else:
+            self.conn.execute("update public.orgs set credit_balance = %s where id = %s", (balance, org_id))
+
+    def member(self, org_id: str, user_id: str, role: str = "member") -> None:
+        self.conn.execute(
+            "insert into public.org_members (org_id, user_id, role) values (%s, %s, %s)",
+            (org_id, user_id, role),
+        )
+
+
+@pytest.fixture
+def world(conn: psycopg.Connection[dict[str, Any]]) -> World:
+    return World(conn)
+
+
+def claims_for(user_id: str | None, role: str = "authenticated", **extra: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {"role": role, **extra}
+    if user_id:
+        claims["sub"] = user_id
+        claims["aud"] = "authenticated"
+    return claims
+
+
+@contextmanager
+def acting_as(conn: psycopg.Connection[Any], role: str, claims: dict[str, Any] | None = None
+              ) -> Iterator[psycopg.Cursor[Any]]:
+    """A rolled-back transaction as ``role`` with ``claims``, like a PostgREST request."""
+    with conn.transaction(force_rollback=True), conn.cursor() as cur:
+        cur.execute(
+            "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true)",
+            (role, json.dumps(claims or {"role": role})),
+        )
+        yield cur
+
+
+@pytest.fixture
+def as_role(conn: psycopg.Connection[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    """``with as_role('authenticated', user_id) as cur: ...`` (``None`` user: no sub claim)."""
+
+    def enter(role: str, user_id: str | None = None, **extra: Any):  # type: ignore[no-untyped-def]
+        return acting_as(conn, role, claims_for(user_id, role, **extra))
+
+    return enter
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+
+def make_token(user_id: str, *, secret: str = TEST_JWT_SECRET, ttl: int = 3600, **extra: Any) -> str:
+    now = int(time.time())
+    payload = {"sub": user_id, "role": "authenticated", "aud": "authenticated",
+               "iat": now, "exp": now + ttl, **extra}
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+@pytest.fixture
+def settings(db_url: str):  # type: ignore[no-untyped-def]
+    from upshift_platform.settings import Settings
+
+    return Settings(database_url=db_url, jwt_secret=TEST_JWT_SECRET, pool_max=4)
+
+
+@pytest.fixture
+def platform(settings):  # type: ignore[no-untyped-def]
+    from upshift_platform.app import Platform
+
+    plat = Platform(settings)
+    yield plat
+    plat.close()
+
+
+@pytest.fixture
+def client(platform):  # type: ignore[no-untyped-def]
+    from upshift_platform.app import create_wsgi_app
+
+    return create_wsgi_app(platform).test_client()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

@@ -1,0 +1,101 @@
+"""The platform object (settings, database pool, authenticator) and its HTTP entry points.
+
+Each deployable function is a ``Router``; ``functions/main.py`` exposes one
+functions-framework target per router. ``create_wsgi_app`` serves them all on one port,
+routing by path exactly as the deployed functions' URLs would.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import flask
+
+from .db import Database
+from .http import Router
+from .settings import Settings, get_settings
+
+# Which function owns which paths (longest prefix first). Deployed, each function gets its own
+# URL; locally the one server sends each path to its owner.
+PATH_OWNERS: tuple[tuple[str, str], ...] = (
+    ("/stripe/webhook", "stripe_webhook"),
+    ("/audit-events", "audit"),
+    ("/api/audit-logs", "audit"),
+    ("/api/credits/", "billing"),
+    ("/credits/", "billing"),
+    ("/billing/", "billing"),
+    ("/api/", "orgs"),
+)
+FUNCTIONS = ("billing", "stripe_webhook", "audit", "orgs")
+
+
+def build_routers() -> dict[str, Router]:
+    from .handlers import common
+
+    routers = {name: Router(name) for name in FUNCTIONS}
+    for router in routers.values():
+        router.include(common.router)
+    for module_name in ("billing", "orgs", "audit", "webhook"):
+        try:
+            module = __import__(f"upshift_platform.handlers.{module_name}", fromlist=["router"])
+        except ModuleNotFoundError:
+            continue
+        routers[module.router.name].include(module.router)
+    return routers
+
+
+class Platform:
+    def __init__(self, settings: Settings) -> None:
+        from .auth import Authenticator
+
+        self.settings = settings
+        self.db = Database(
+            settings.database_url,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            statement_timeout_ms=settings.statement_timeout_ms,
+        )
+        self.auth = Authenticator(settings)
+        self.routers = build_routers()
+
+    def function_for(self, path: str) -> str:
+        for prefix, name in PATH_OWNERS:
+            if path == prefix.rstrip("/") or path.startswith(prefix):
+                return name
+        return "orgs"
+
+    def handle(self, function: str, request: flask.Request) -> flask.Response:
+        return self.routers[function].handle(self, request)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+_lock = threading.Lock()
+_platform: Platform | None = None
+
+
+def platform() -> Platform:
+    """The process-wide platform, built from the environment on first use."""
+    global _platform
+    if _platform is None:
+        with _lock:
+            if _platform is None:
+                _platform = Platform(get_settings())
+    return _platform
+
+
+def create_wsgi_app(plat: Platform | None = None) -> flask.Flask:
+    """All functions on one port (``upshift-platform serve``)."""
+    app = flask.Flask("upshift_platform")
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+    def dispatch(path: str = "") -> Any:
+        p = plat or platform()
+        request = flask.request
+        return p.handle(p.function_for(request.path), request)
+
+    app.add_url_rule("/", "root", dispatch, methods=methods)
+    app.add_url_rule("/<path:path>", "all", dispatch, methods=methods)
+    return app

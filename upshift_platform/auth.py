@@ -1,0 +1,200 @@
+"""Who is calling: Supabase access tokens (JWT) and platform API keys.
+
+Python authenticates (verifies a signature, hashes a key) and hands the result to Postgres as
+``request.jwt.claims``; whether that caller may see or spend anything is decided there (RLS,
+grants, security-definer RPCs). Tokens and keys are never logged or echoed back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import psycopg
+
+from .errors import ApiError
+from .http import Ctx
+from .settings import Settings
+
+API_KEY_PREFIXES = ("upk_", "ups_")
+JWT_LEEWAY_SECONDS = 30
+JWKS_TTL_SECONDS = 600
+_ASYMMETRIC = {"ES256": "EC", "RS256": "RSA"}
+
+
+def unauthenticated(message: str) -> ApiError:
+    return ApiError(401, "unauthenticated", message)
+
+
+def hash_api_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class JwksCache:
+    """The project's signing keys, cached ~10 minutes, refetched on an unknown ``kid``."""
+
+    def __init__(self, url: str, ttl: float = JWKS_TTL_SECONDS) -> None:
+        self.url = url
+        self.ttl = ttl
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched = 0.0
+        self._lock = threading.Lock()
+
+    def _fetch(self) -> None:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as resp:  # noqa: S310 (https/http url)
+                data = json.loads(resp.read())
+        except Exception as exc:
+            raise ApiError(503, "jwks_unavailable", "Could not fetch the signing keys.") from exc
+        keys = {}
+        for entry in data.get("keys", []):
+            try:
+                keys[entry.get("kid", "")] = jwt.PyJWK(entry)
+            except jwt.PyJWKError:
+                continue
+        self._keys = keys
+        self._fetched = time.monotonic()
+
+    def get(self, kid: str) -> jwt.PyJWK | None:
+        with self._lock:
+            stale = time.monotonic() - self._fetched > self.ttl
+            if stale or kid not in self._keys:
+                self._fetch()
+            return self._keys.get(kid)
+
+
+@dataclass(frozen=True)
+class Credential:
+    kind: str  # "jwt" | "api_key"
+    claims: dict[str, Any] = field(default_factory=dict)
+    key_hash: str | None = None
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self.secret = settings.jwt_secret
+        self.jwks = JwksCache(settings.jwks_url) if settings.jwks_url else None
+
+    def credential(self, authorization: str | None) -> Credential:
+        if not authorization:
+            raise unauthenticated("Missing Authorization header (want: Bearer <token>).")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token:
+            raise unauthenticated("Malformed Authorization header (want: Bearer <token>).")
+        if token.startswith(API_KEY_PREFIXES):
+            return Credential("api_key", key_hash=hash_api_key(token))
+        if token.count(".") == 2:
+            return Credential("jwt", claims=self.verify_jwt(token))
+        raise unauthenticated("Unrecognised token: neither an upshift API key nor a JWT.")
+
+    def verify_jwt(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise unauthenticated("Malformed access token.") from None
+        alg = header.get("alg")
+        if alg == "HS256":
+            if not self.secret:
+                raise unauthenticated("HS256 access tokens are not accepted by this deployment.")
+            key: Any = self.secret
+        elif alg in _ASYMMETRIC:
+            if self.jwks is None:
+                raise unauthenticated(f"{alg} access tokens are not accepted by this deployment.")
+            jwk = self.jwks.get(str(header.get("kid", "")))
+            if jwk is None:
+                raise unauthenticated("Access token signed by an unknown key (kid).")
+            if jwk.key_type != _ASYMMETRIC[alg]:
+                raise unauthenticated(f"Access token algorithm {alg} does not match its key.")
+            key = jwk.key
+        else:
+            raise unauthenticated(f"Unsupported access token algorithm: {alg!r}.")
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[alg], audience="authenticated",
+                options={"require": ["exp", "sub"]}, leeway=JWT_LEEWAY_SECONDS,
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthenticated("Access token has expired.") from None
+        except jwt.ImmatureSignatureError:
+            raise unauthenticated("Access token is not valid yet.") from None
+        except jwt.InvalidAudienceError:
+            raise unauthenticated("Access token audience is not 'authenticated'.") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise unauthenticated(f"Access token lacks the {exc.claim!r} claim.") from None
+        except jwt.InvalidSignatureError:
+            raise unauthenticated("Access token signature is invalid.") from None
+        except jwt.PyJWTError:
+            raise unauthenticated("Access token is invalid.") from None
+        if claims.get("role", "authenticated") != "authenticated":
+            raise unauthenticated("Access token role must be 'authenticated'.")
+        claims["role"] = "authenticated"
+        return claims
+
+
+@dataclass
+class Actor:
+    """The authenticated caller as Postgres sees it."""
+
+    claims: dict[str, Any]
+    user_id: str | None
+    key_id: str | None = None
+    key_kind: str | None = None
+    key_org_id: str | None = None
+
+    @property
+    def id(self) -> str | None:
+        return self.user_id or self.key_id
+
+
+def _act_as(cur: psycopg.Cursor[Any], claims: dict[str, Any]) -> None:
+    cur.execute(
+        "select set_config('role', 'authenticated', true),"
+        " set_config('request.jwt.claims', %s, true)",
+        (json.dumps(claims),),
+    )
+
+
+@contextmanager
+def session(ctx: Ctx) -> Iterator[tuple[Actor, psycopg.Cursor[Any]]]:
+    """Authenticate the request and open its one transaction, acting as the caller."""
+    plat = ctx.platform
+    cred = plat.auth.credential(ctx.request.headers.get("Authorization"))
+    if cred.kind == "jwt":
+        with plat.db.request("authenticated", cred.claims) as cur:
+            actor = Actor(claims=cred.claims, user_id=str(cred.claims["sub"]))
+            ctx.actor_id = actor.id
+            yield actor, cur
+        return
+    with plat.db.request("service_role") as cur:
+        row = cur.execute(
+            "select * from public.authenticate_api_key(%s)", (cred.key_hash,)
+        ).fetchone()
+        if row is None or row["status"] == "unknown":
+            raise unauthenticated("Unknown API key.")
+        if row["status"] != "active":
+            raise unauthenticated(f"API key is {row['status']}.")
+        upshift = {"key_id": str(row["key_id"]), "kind": row["kind"],
+                   "org_id": str(row["org_id"]) if row["org_id"] else None}
+        claims: dict[str, Any] = {"role": "authenticated", "aud": "authenticated", "upshift": upshift}
+        if row["kind"] == "personal":
+            claims["sub"] = str(row["user_id"])
+        _act_as(cur, claims)
+        actor = Actor(
+            claims=claims,
+            user_id=claims.get("sub"),
+            key_id=upshift["key_id"],
+            key_kind=row["kind"],
+            key_org_id=upshift["org_id"],
+        )
+        ctx.actor_id = actor.id
+        yield actor, cur

@@ -1,0 +1,253 @@
+"""``upshift-platform``: the operator and developer command line.
+
+Human output goes to stderr and tables to stdout; ``--json`` prints one JSON document.
+Every failure exits non-zero with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+import psycopg
+
+from . import embedded
+from .migrate import MigrationError, migrate
+from .settings import LOCAL_JWT_SECRET
+
+
+class CliError(Exception):
+    """A one-line reason to exit non-zero."""
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def database_url(args: argparse.Namespace | None = None, *, start: bool = True) -> str:
+    """``DATABASE_URL`` if set, else the embedded server (started if ``start``)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    data_dir = getattr(args, "data_dir", None)
+    running = embedded.running_url(data_dir)
+    if running:
+        return running
+    if not start:
+        raise CliError("no DATABASE_URL and the embedded database is not running (`upshift-platform db up`)")
+    srv = embedded.up(data_dir, getattr(args, "db_port", None))
+    migrate(srv.url, log=info)
+    return srv.url
+
+
+def is_local(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in {"127.0.0.1", "localhost", "::1", ""} or host.startswith("/")
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def emit(args: argparse.Namespace, data: Any, rows: Sequence[dict[str, Any]] | None = None,
+         columns: Sequence[str] = ()) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, default=str, indent=2))
+    elif rows is not None:
+        print_table(rows, columns)
+    else:
+        for key, value in (data.items() if isinstance(data, dict) else []):
+            print(f"{key}: {value}")
+
+
+# --- db --------------------------------------------------------------------------------------
+
+
+def cmd_db_up(args: argparse.Namespace) -> None:
+    srv = embedded.up(args.data_dir, args.db_port)
+    applied = migrate(srv.url, log=info)
+    info(f"PostgreSQL {srv.binaries.version()} ({srv.binaries.source}) in {srv.data_dir}; "
+         f"{len(applied)} migration(s) applied")
+    print(srv.url)
+
+
+def cmd_db_down(args: argparse.Namespace) -> None:
+    info("stopped" if embedded.down(args.data_dir) else "not running")
+
+
+def cmd_db_url(args: argparse.Namespace) -> None:
+    print(database_url(args, start=False))
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> None:
+    url = database_url(args)
+    applied = migrate(url, log=info)
+    info(f"{len(applied)} migration(s) applied" if applied else "nothing to apply")
+
+
+def cmd_db_reset(args: argparse.Namespace) -> None:
+    url = database_url(args)
+    if not is_local(url) and not args.force_remote:
+        raise CliError(f"refusing to reset a non-local database ({urlparse(url).hostname})")
+    parsed = urlparse(url)
+    dbname = (parsed.path or "/postgres").lstrip("/") or "postgres"
+    admin = parsed._replace(path="/template1").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity"
+            " where datname = %s and pid <> pg_backend_pid()", (dbname,)
+        )
+        conn.execute(f'drop database if exists "{dbname}"')
+        conn.execute(f'create database "{dbname}"')
+    applied = migrate(url, log=info)
+    info(f"reset {dbname}: {len(applied)} migration(s) applied")
+    print(url)
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def local_env(url: str) -> None:
+    """Defaults that make a local server work out of the box."""
+    os.environ.setdefault("DATABASE_URL", url)
+    if not os.environ.get("SUPABASE_JWT_SECRET") and not os.environ.get("SUPABASE_URL"):
+        os.environ["SUPABASE_JWT_SECRET"] = LOCAL_JWT_SECRET
+        info("SUPABASE_JWT_SECRET not set: using the local development secret")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    local_env(database_url(args))
+    serve(args.host, args.port, workers=args.workers)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """``make run``: embedded database, migrations, demo data, every function on one port."""
+    from .server import serve
+
+    url = database_url(args)
+    local_env(url)
+    for hook in _RUN_HOOKS:
+        hook(args, url)
+    serve(args.host, args.port, workers=args.workers)
+
+
+_RUN_HOOKS: list[Callable[[argparse.Namespace, str], None]] = []
+
+
+# --- token -----------------------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    import time
+
+    import jwt
+
+    url = database_url(args)
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("select id from auth.users where lower(email) = lower(%s)", (args.email,)).fetchone()
+        if row is None:
+            if not args.create:
+                raise CliError(f"no user with email {args.email} (pass --create to add one)")
+            row = conn.execute(
+                "insert into auth.users (email) values (%s) returning id", (args.email,)
+            ).fetchone()
+    assert row is not None
+    secret = os.environ.get("SUPABASE_JWT_SECRET") or LOCAL_JWT_SECRET
+    now = int(time.time())
+    token = jwt.encode(
+        {"sub": str(row[0]), "email": args.email, "role": "authenticated", "aud": "authenticated",
+         "iat": now, "exp": now + args.ttl},
+        secret, algorithm="HS256",
+    )
+    info(f"access token for {args.email} ({row[0]}), valid {args.ttl} s")
+    print(token)
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upshift-platform",
+        description="Run and operate the upshift platform (credit pools, audit logs, billing).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(group: Any, name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    def db_target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
+        p.add_argument("--port", dest="db_port", type=int,
+                       help=f"embedded server port (default {embedded.DEFAULT_PORT})")
+
+    db = sub.add_parser("db", help="the database: up, down, migrate, reset, url")
+    dbs = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_target(add(dbs, "up", cmd_db_up, "start (or reuse) the embedded PostgreSQL, migrate, print its URL"))
+    db_target(add(dbs, "down", cmd_db_down, "stop the embedded PostgreSQL"))
+    db_target(add(dbs, "url", cmd_db_url, "print the database URL in use"))
+    db_target(add(dbs, "migrate", cmd_db_migrate, "apply pending migrations to DATABASE_URL or the embedded server"))
+    p = add(dbs, "reset", cmd_db_reset, "drop and recreate the database, then migrate (local only)")
+    db_target(p)
+    p.add_argument("--force-remote", action="store_true", help=argparse.SUPPRESS)
+
+    def server_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+        p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+        p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
+        p.add_argument("--db-port", type=int, help="embedded database port")
+
+    server_args(add(sub, "serve", cmd_serve, "serve every function on one port (gunicorn)"))
+
+    server_args(add(sub, "run", cmd_run, "start the database, migrate, load the demo and serve everything"))
+
+    p = add(sub, "token", cmd_token, "mint a local HS256 access token for a user (printed last)")
+    db_target(p)
+    p.add_argument("--email", required=True)
+    p.add_argument("--create", action="store_true", help="add the auth.users row if missing")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub, add, db_target)
+    return parser
+
+
+_EXTRA_COMMANDS: list[Callable[..., None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (CliError, embedded.EmbeddedError, MigrationError) as exc:
+        print(f"upshift-platform: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        msg = (exc.diag.message_primary or str(exc)).splitlines()[0] if exc.diag else str(exc)
+        print(f"upshift-platform: database error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

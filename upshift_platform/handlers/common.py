@@ -1,0 +1,30 @@
+"""Routes every function serves: health."""
+
+from __future__ import annotations
+
+import psycopg
+
+from ..http import Ctx, Router, json_response
+
+router = Router("common")
+
+
+@router.route("GET", "/health", summary="Liveness and database reachability", auth=False,
+              errors=(503,))
+def health(ctx: Ctx):  # type: ignore[no-untyped-def]
+    try:
+        ctx.platform.db.ping()
+    except (psycopg.Error, OSError, TimeoutError) as exc:
+        reason = type(exc).__name__
+        return json_response(
+            {"status": "degraded", "database": "unreachable", "error": "database_unavailable",
+             "message": f"The database is unreachable ({reason})."},
+            503,
+        )
+    except Exception as exc:  # pool timeouts and the like
+        return json_response(
+            {"status": "degraded", "database": "unreachable", "error": "database_unavailable",
+             "message": f"The database is unreachable ({type(exc).__name__})."},
+            503,
+        )
+    return {"status": "ok", "database": "ok"}

@@ -1,0 +1,97 @@
+"""Apply ``supabase/migrations/*.sql`` in order, recording them as the Supabase CLI does.
+
+Applied versions go into ``supabase_migrations.schema_migrations(version)``, the table that
+``supabase db push`` reads and writes, so this runner and the Supabase CLI agree on what is
+applied. Each migration runs in its own transaction together with its bookkeeping row; an
+advisory lock keeps two runners from applying the same file twice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg.rows import tuple_row
+
+from .paths import compat_sql, migrations_dir
+
+_NAME = re.compile(r"^(\d{14})_([a-z0-9_]+)\.sql$")
+_LOCK_KEY = 7_301_202_611  # arbitrary, fixed: "upshift migrations"
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+
+
+def discover(directory: Path | None = None) -> list[Migration]:
+    found = []
+    for path in sorted((directory or migrations_dir()).glob("*.sql")):
+        m = _NAME.match(path.name)
+        if not m:
+            raise MigrationError(f"{path.name}: migration files are named <14 digits>_<verb_noun>.sql")
+        found.append(Migration(m.group(1), m.group(2), path))
+    return found
+
+
+def _bootstrap(conn: psycopg.Connection) -> bool:
+    """Apply the Supabase compat SQL on a plain PostgreSQL (no auth.users yet)."""
+    has_auth = conn.execute("select to_regclass('auth.users') is not null").fetchone()
+    if has_auth and has_auth[0]:
+        return False
+    with conn.transaction():
+        conn.execute(compat_sql().read_text())
+    return True
+
+
+def applied_versions(conn: psycopg.Connection) -> set[str]:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        exists = cur.execute(
+            "select to_regclass('supabase_migrations.schema_migrations') is not null"
+        ).fetchone()
+        if not exists or not exists[0]:
+            return set()
+        return {r[0] for r in cur.execute("select version from supabase_migrations.schema_migrations")}
+
+
+def migrate(url: str, directory: Path | None = None, *, log=print) -> list[Migration]:  # type: ignore[no-untyped-def]
+    """Apply pending migrations to the database at ``url``; returns what was applied."""
+    pending_out: list[Migration] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            if _bootstrap(conn):
+                log("applied Supabase compatibility bootstrap (sql/supabase_compat.sql)")
+            conn.execute("create schema if not exists supabase_migrations")
+            conn.execute(
+                "create table if not exists supabase_migrations.schema_migrations ("
+                " version text primary key, statements text[], name text)"
+            )
+            done = applied_versions(conn)
+            for mig in discover(directory):
+                if mig.version in done:
+                    continue
+                sql = mig.path.read_text()
+                try:
+                    with conn.transaction():
+                        conn.execute(sql)
+                        conn.execute(
+                            "insert into supabase_migrations.schema_migrations"
+                            " (version, statements, name) values (%s, %s, %s)",
+                            (mig.version, [sql], mig.name),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(f"{mig.path.name}: {exc}") from exc
+                log(f"applied {mig.path.name}")
+                pending_out.append(mig)
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return pending_out

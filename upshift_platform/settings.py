@@ -1,0 +1,90 @@
+"""Settings, read once from the environment into a typed object.
+
+A missing required value fails loudly at startup, not on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+DEFAULT_PRICES = {"explain": 1, "fix": 3, "audit": 2}
+LOCAL_JWT_SECRET = "upshift-local-development-jwt-secret-not-for-production"  # noqa: S105
+
+
+class SettingsError(RuntimeError):
+    pass
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _prices(raw: str | None) -> dict[str, int]:
+    """``UPSHIFT_PRICES="explain=1,fix=3,audit=2"``."""
+    if not raw:
+        return dict(DEFAULT_PRICES)
+    prices: dict[str, int] = {}
+    for item in raw.split(","):
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise SettingsError(f"UPSHIFT_PRICES: bad entry {item!r} (want action=positive_int)")
+        prices[name.strip()] = int(value)
+    return prices
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    jwt_secret: str | None = None
+    supabase_url: str | None = None
+    jwks_url: str | None = None
+    pool_min: int = 1
+    pool_max: int = 10
+    statement_timeout_ms: int = 5000
+    prices: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    trusted_proxies: frozenset[str] = frozenset()
+    public_base_url: str = "http://127.0.0.1:8080"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        url = env.get("DATABASE_URL")
+        if not url:
+            raise SettingsError(
+                "DATABASE_URL is not set (run `upshift-platform db up` for a local database)"
+            )
+        supabase_url = env.get("SUPABASE_URL") or None
+        jwks = env.get("SUPABASE_JWKS_URL") or (
+            f"{supabase_url.rstrip('/')}/auth/v1/.well-known/jwks.json" if supabase_url else None
+        )
+        secret = env.get("SUPABASE_JWT_SECRET") or None
+        if not secret and not jwks:
+            raise SettingsError("set SUPABASE_JWT_SECRET and/or SUPABASE_URL to verify access tokens")
+        return cls(
+            database_url=url,
+            jwt_secret=secret,
+            supabase_url=supabase_url,
+            jwks_url=jwks,
+            pool_min=_int(env, "UPSHIFT_DB_POOL_MIN", 1),
+            pool_max=_int(env, "UPSHIFT_DB_POOL_MAX", 10),
+            statement_timeout_ms=_int(env, "UPSHIFT_STATEMENT_TIMEOUT_MS", 5000),
+            prices=_prices(env.get("UPSHIFT_PRICES")),
+            trusted_proxies=frozenset(
+                p.strip() for p in env.get("UPSHIFT_TRUSTED_PROXIES", "").split(",") if p.strip()
+            ),
+            public_base_url=env.get("UPSHIFT_PUBLIC_BASE_URL", "http://127.0.0.1:8080"),
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()
