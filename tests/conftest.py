@@ -135,6 +135,16 @@ class World:
         else:
             self.conn.execute("update public.orgs set credit_balance = %s where id = %s", (balance, org_id))
 
+    def key(self, user_id: str, *, kind: str = "personal", org: str | None = None,
+            expires_at: str | None = None, name: str = "test key") -> dict[str, Any]:
+        """An API key as the operator creates it; the result holds the one-time ``secret``."""
+        row = self.conn.execute(
+            "select public.admin_create_api_key(%s, %s, %s, %s, %s) as k",
+            (user_id, name, kind, org, expires_at),
+        ).fetchone()
+        assert row is not None
+        return dict(row["k"])
+
     def member(self, org_id: str, user_id: str, role: str = "member") -> None:
         self.conn.execute(
             "insert into public.org_members (org_id, user_id, role) values (%s, %s, %s)",

@@ -19,6 +19,7 @@ from typing import Any
 import jwt
 import psycopg
 
+from .db import call
 from .errors import ApiError
 from .http import Ctx
 from .settings import Settings
@@ -176,9 +177,7 @@ def session(ctx: Ctx) -> Iterator[tuple[Actor, psycopg.Cursor[Any]]]:
             yield actor, cur
         return
     with plat.db.request("service_role") as cur:
-        row = cur.execute(
-            "select * from public.authenticate_api_key(%s)", (cred.key_hash,)
-        ).fetchone()
+        row = call(cur, "authenticate_api_key", p_key_hash=cred.key_hash)
         if row is None or row["status"] == "unknown":
             raise unauthenticated("Unknown API key.")
         if row["status"] != "active":

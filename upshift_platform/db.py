@@ -69,3 +69,13 @@ class Database:
         self.open()
         with self.pool.connection(timeout=3) as conn:
             conn.execute("select 1")
+
+
+def call(cur: psycopg.Cursor[Any], function: str, /, **args: Any) -> Any:
+    """``select public.<function>(name => value, ...)`` and return its single value.
+
+    ``function`` is always a literal from our code, never client input.
+    """
+    named = ", ".join(f"{name} => %({name})s" for name in args)
+    row = cur.execute(f"select public.{function}({named}) as result", args).fetchone()
+    return None if row is None else row["result"]
