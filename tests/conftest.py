@@ -166,10 +166,10 @@ def claims_for(user_id: str | None, role: str = "authenticated", **extra: Any) -
 
 
 @contextmanager
-def acting_as(conn: psycopg.Connection[Any], role: str, claims: dict[str, Any] | None = None
-              ) -> Iterator[psycopg.Cursor[Any]]:
-    """A rolled-back transaction as ``role`` with ``claims``, like a PostgREST request."""
-    with conn.transaction(force_rollback=True), conn.cursor() as cur:
+def acting_as(conn: psycopg.Connection[Any], role: str, claims: dict[str, Any] | None = None,
+              *, commit: bool = False) -> Iterator[psycopg.Cursor[Any]]:
+    """A transaction as ``role`` with ``claims``, like a PostgREST request (rolled back unless ``commit``)."""
+    with conn.transaction(force_rollback=not commit), conn.cursor() as cur:
         cur.execute(
             "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true)",
             (role, json.dumps(claims or {"role": role})),

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 API_ROLES = ("anon", "authenticated", "service_role")
@@ -77,5 +78,6 @@ def call(cur: psycopg.Cursor[Any], function: str, /, **args: Any) -> Any:
     ``function`` is always a literal from our code, never client input.
     """
     named = ", ".join(f"{name} => %({name})s" for name in args)
-    row = cur.execute(f"select public.{function}({named}) as result", args).fetchone()
+    params = {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in args.items()}
+    row = cur.execute(f"select public.{function}({named}) as result", params).fetchone()
     return None if row is None else row["result"]

@@ -95,6 +95,7 @@ class Route:
     response: type[BaseModel] | None = None
     status: int = 200
     errors: tuple[int, ...] = ()
+    error_models: dict[int, type[BaseModel]] = field(default_factory=dict)
     auth: bool = True
 
 
@@ -151,7 +152,8 @@ class Router:
         except psycopg.Error as exc:
             err = from_database(exc)
             if err.status >= 500:
-                log.error("database error %s: %s", exc.diag.sqlstate, exc.diag.message_primary)
+                log.error("database error (request %s) %s %s: %s", rid, type(exc).__name__,
+                          exc.diag.sqlstate, exc.diag.message_primary or str(exc).splitlines()[0])
             response = error_response(err)
         except Exception:  # the one place that turns a bug into a 500 without a traceback
             log.exception("unhandled error (request %s)", rid)

@@ -78,3 +78,53 @@ class Org(BaseModel):
 
 class OrgList(BaseModel):
     data: list[Org]
+
+
+# --- credits ---------------------------------------------------------------------------------
+
+
+class Consume(Lenient):
+    """The upshift CLI's body: ``{"action": "explain", "count": 1}``."""
+
+    action: str = Field(min_length=1, max_length=40, description="explain, fix, audit, ...")
+    count: int = Field(ge=1, le=10000, strict=True, description="Credits to spend; at least the action's price")
+    org_id: str | None = OrgRef
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ConsumeResult(BaseModel):
+    balance: int
+    source: Literal["org", "user"]
+    org_id: UUID | None
+    org_slug: str | None
+    transaction_id: UUID
+    replayed: bool
+
+
+class InsufficientCredits(Error):
+    balance: int
+    needed: int
+
+
+class StatusOrg(BaseModel):
+    id: UUID
+    slug: str
+    name: str
+    role: str
+
+
+class BillingStatus(BaseModel):
+    tier: Literal["free", "pro", "team"]
+    balance: int
+    bonusMultiplier: float
+    source: Literal["org", "user"]
+    org: StatusOrg | None
+    personal_balance: int | None
+
+
+class TransactionsQuery(Strict):
+    org_id: str | None = OrgRef
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=200)

@@ -28,6 +28,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+    if value < 1.0:
+        raise SettingsError(f"{name} must be at least 1.0, got {raw!r}")
+    return value
+
+
 def _prices(raw: str | None) -> dict[str, int]:
     """``UPSHIFT_PRICES="explain=1,fix=3,audit=2"``."""
     if not raw:
@@ -53,6 +66,7 @@ class Settings:
     prices: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     trusted_proxies: frozenset[str] = frozenset()
     public_base_url: str = "http://127.0.0.1:8080"
+    bonus_multiplier: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -82,6 +96,7 @@ class Settings:
                 p.strip() for p in env.get("UPSHIFT_TRUSTED_PROXIES", "").split(",") if p.strip()
             ),
             public_base_url=env.get("UPSHIFT_PUBLIC_BASE_URL", "http://127.0.0.1:8080"),
+            bonus_multiplier=_float(env, "UPSHIFT_BONUS_MULTIPLIER", 1.0),
         )
 
 

@@ -22,15 +22,16 @@ comment on function private.err(integer, text, text, jsonb) is
   'Raise SQLSTATE PT<status> (PostgREST maps it to HTTP <status>) with a JSON detail {"error": code, ...}.';
 
 create function private.find_org(p_org text) returns uuid
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select o.id from public.orgs o
-  where case
-    when btrim(p_org) ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-      then o.id = btrim(p_org)::uuid
-    else o.slug = lower(btrim(p_org))
-  end
+begin
+  -- Two separate indexed lookups (a single predicate mixing id and slug could not use either index).
+  if btrim(p_org) ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
+    return (select o.id from public.orgs o where o.id = btrim(p_org)::uuid);
+  end if;
+  return (select o.id from public.orgs o where o.slug = lower(btrim(p_org)));
+end
 $$;
 comment on function private.find_org(text) is 'An org by id or slug (no access check).';
 

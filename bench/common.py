@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: a migrated scratch database and the machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from upshift_platform import embedded
+from upshift_platform.migrate import migrate
+from upshift_platform.paths import project_root
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def server_url() -> str:
+    """``DATABASE_URL``'s server, or an embedded one in .data/pg-bench (default durability)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    srv = embedded.up(project_root() / ".data" / "pg-bench", embedded.free_port())
+    return srv.url
+
+
+def fresh_database(name: str) -> str:
+    """Drop and recreate database ``name`` on the bench server, migrated; returns its URL."""
+    base = server_url()
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+        admin.execute(f'create database "{name}"')
+    url = urlparse(base)._replace(path=f"/{name}").geturl()
+    migrate(url, log=lambda _m: None)
+    return url
+
+
+def machine(url: str) -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    with psycopg.connect(url) as c:
+        row = c.execute("select current_setting('server_version'), current_setting('fsync'),"
+                        " current_setting('synchronous_commit')").fetchone()
+    assert row is not None
+    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"PostgreSQL {row[0]} (fsync={row[1]}, synchronous_commit={row[2]})")
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t

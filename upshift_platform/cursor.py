@@ -1,0 +1,27 @@
+"""Opaque keyset cursors on (created_at, id): never OFFSET, never a total count."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from .errors import ApiError
+
+
+def encode(created_at: datetime, row_id: Any) -> str:
+    raw = json.dumps([created_at.isoformat(), str(row_id)], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode(cursor: str | None) -> tuple[datetime, str] | None:
+    if not cursor:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, row_id = json.loads(raw)
+        return datetime.fromisoformat(created_at), str(uuid.UUID(row_id))
+    except (ValueError, TypeError):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned.", field="cursor") from None
