@@ -217,7 +217,8 @@ def test_concurrent_spenders_never_overdraw(db_url, conn, world):
     assert len(outcomes) == attempts
     assert outcomes.count("ok") == n_credits
     assert set(outcomes) == {"ok", "PT402"}
-    assert conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()["credit_balance"] == 0
+    left = conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()
+    assert left["credit_balance"] == 0
     debits = conn.execute("select sum(amount) as s, count(*) as n from public.credit_transactions"
                           " where org_id = %s and amount < 0", (org,)).fetchone()
     assert debits["s"] == -n_credits and debits["n"] == n_credits
