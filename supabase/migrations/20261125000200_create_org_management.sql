@@ -63,29 +63,39 @@ comment on column public.api_keys.org_id is
 comment on column public.api_keys.key_prefix is 'First characters of the key, for recognising it; not secret.';
 comment on column public.api_keys.last_used_at is 'Updated at most once a minute.';
 
+-- Hot-path helpers are plpgsql: their plans are cached per session, while a SQL function with a
+-- SET clause is neither inlined nor plan-cached (it is planned again on every call).
 create function private.service_key() returns table (key_id uuid, org_id uuid)
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select k.id, k.org_id from public.api_keys k
-  where (select auth.uid()) is null
-    and k.id = nullif((select auth.jwt()) -> 'upshift' ->> 'key_id', '')::uuid
-    and k.kind = 'service'
-    and k.revoked_at is null
-    and (k.expires_at is null or k.expires_at > now())
+declare
+  v_key uuid := nullif((select auth.jwt()) -> 'upshift' ->> 'key_id', '')::uuid;
+begin
+  if v_key is null or (select auth.uid()) is not null then
+    return;
+  end if;
+  return query
+    select k.id, k.org_id from public.api_keys k
+    where k.id = v_key and k.kind = 'service' and k.revoked_at is null
+      and (k.expires_at is null or k.expires_at > now());
+end
 $$;
 comment on function private.service_key() is
   'The active org service key the caller acts as (claims set after the key was verified), if any.';
 
 create function private.actor_org_role(p_org_id uuid) returns text
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select coalesce(
-    (select m.role from public.org_members m
-      where m.org_id = p_org_id and m.user_id = (select auth.uid())),
-    (select 'service' from private.service_key() s where s.org_id = p_org_id)
-  )
+declare
+  v_uid uuid := (select auth.uid());
+begin
+  if v_uid is not null then
+    return (select m.role from public.org_members m where m.org_id = p_org_id and m.user_id = v_uid);
+  end if;
+  return (select 'service' from private.service_key() s where s.org_id = p_org_id);
+end
 $$;
 comment on function private.actor_org_role(uuid) is
   'The caller''s role in the org: admin, member, viewer, service (an org service key) or null.';
@@ -146,14 +156,16 @@ as $$
 $$;
 
 create function private.org_json(p_org_id uuid, p_role text) returns jsonb
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select jsonb_build_object(
+begin
+  return (select jsonb_build_object(
     'id', o.id, 'slug', o.slug, 'name', o.name, 'plan', o.plan,
     'credit_balance', o.credit_balance, 'role', p_role,
     'created_at', o.created_at, 'updated_at', o.updated_at)
-  from public.orgs o where o.id = p_org_id
+  from public.orgs o where o.id = p_org_id);
+end
 $$;
 
 create function private.check_role(p_role text) returns text
@@ -195,6 +207,8 @@ begin
                         jsonb_build_object('field', 'slug'));
   end if;
   insert into public.org_members (org_id, user_id, role) values (v_id, v_uid, 'admin');
+  perform private.audit_append(v_id, v_id, 'org_created', 'org', v_id::text,
+    jsonb_build_object('slug', lower(btrim(create_org.slug)), 'name', btrim(create_org.name)));
   return private.org_json(v_id, 'admin');
 end
 $$;
@@ -234,6 +248,8 @@ begin
       name = coalesce(private.check_name(update_org.name), o.name),
       slug = coalesce(private.check_slug(update_org.slug), o.slug)
     where o.id = v_id;
+    perform private.audit_append(v_id, v_id, 'org_updated', 'org', v_id::text,
+      jsonb_strip_nulls(jsonb_build_object('name', update_org.name, 'slug', lower(btrim(update_org.slug)))));
   exception when unique_violation then
     perform private.err(409, 'slug_taken', format('The slug %s is taken.', lower(btrim(update_org.slug))),
                         jsonb_build_object('field', 'slug'));
@@ -326,6 +342,8 @@ begin
   end if;
   update public.org_members m set role = v_new
   where m.org_id = v_org and m.user_id = set_member_role.user_id;
+  perform private.audit_append(v_org, v_org, 'member_role_changed', 'user', set_member_role.user_id::text,
+    jsonb_build_object('user_id', set_member_role.user_id, 'from', v_old, 'to', v_new));
   return jsonb_build_object('org_id', v_org, 'user_id', set_member_role.user_id,
                             'role', v_new, 'previous_role', v_old);
 end
@@ -354,6 +372,8 @@ begin
   delete from public.org_members m where m.org_id = v_org and m.user_id = remove_member.user_id;
   update public.profiles p set default_org_id = null
   where p.id = remove_member.user_id and p.default_org_id = v_org;
+  perform private.audit_append(v_org, v_org, 'member_removed', 'user', remove_member.user_id::text,
+    jsonb_build_object('user_id', remove_member.user_id, 'role', v_old, 'left', v_self));
   return jsonb_build_object('org_id', v_org, 'user_id', remove_member.user_id, 'removed', true, 'role', v_old);
 end
 $$;
@@ -366,6 +386,7 @@ as $$
 declare
   v_org uuid := private.find_org(admin_add_member.org);
   v_role text := private.check_role(admin_add_member.role);
+  v_old text;
 begin
   if v_org is null then
     perform private.err(404, 'org_not_found', format('No org %s.', admin_add_member.org));
@@ -373,8 +394,17 @@ begin
   if not exists (select 1 from auth.users u where u.id = admin_add_member.user_id) then
     perform private.err(404, 'user_not_found', 'No such user.');
   end if;
-  insert into public.org_members (org_id, user_id, role) values (v_org, admin_add_member.user_id, v_role)
-  on conflict (org_id, user_id) do update set role = excluded.role;
+  select m.role into v_old from public.org_members m
+  where m.org_id = v_org and m.user_id = admin_add_member.user_id for update;
+  if v_old is null then
+    insert into public.org_members (org_id, user_id, role) values (v_org, admin_add_member.user_id, v_role);
+    perform private.audit_append(v_org, v_org, 'member_added', 'user', admin_add_member.user_id::text,
+      jsonb_build_object('user_id', admin_add_member.user_id, 'role', v_role, 'via', 'operator'));
+  elsif v_old <> v_role then
+    update public.org_members m set role = v_role where m.org_id = v_org and m.user_id = admin_add_member.user_id;
+    perform private.audit_append(v_org, v_org, 'member_role_changed', 'user', admin_add_member.user_id::text,
+      jsonb_build_object('user_id', admin_add_member.user_id, 'from', v_old, 'to', v_role, 'via', 'operator'));
+  end if;
   return jsonb_build_object('org_id', v_org, 'user_id', admin_add_member.user_id, 'role', v_role);
 end
 $$;
@@ -427,6 +457,8 @@ begin
   insert into public.org_invites (org_id, email, role, token_hash, invited_by)
   values (v_org, v_email, private.check_role(create_invite.role), private.sha256_hex(v_token), (select auth.uid()))
   returning * into v_inv;
+  perform private.audit_append(v_org, v_org, 'invite_created', 'invite', v_inv.id::text,
+    jsonb_build_object('email', v_inv.email, 'role', v_inv.role, 'expires_at', v_inv.expires_at));
   return private.invite_json(v_inv) || jsonb_build_object('token', v_token);
 end
 $$;
@@ -461,6 +493,8 @@ begin
   if v_inv.id is null then
     perform private.err(404, 'invite_not_found', 'No pending invite with that id in this org.');
   end if;
+  perform private.audit_append(v_org, v_org, 'invite_revoked', 'invite', v_inv.id::text,
+    jsonb_build_object('email', v_inv.email, 'role', v_inv.role));
   return private.invite_json(v_inv) || '{"revoked": true}'::jsonb;
 end
 $$;
@@ -495,6 +529,10 @@ begin
   end if;
   update public.org_invites i set accepted_at = now(), accepted_by = v_uid where i.id = v_inv.id;
   insert into public.org_members (org_id, user_id, role) values (v_inv.org_id, v_uid, v_inv.role);
+  perform private.audit_append(v_inv.org_id, v_inv.org_id, 'invite_accepted', 'invite', v_inv.id::text,
+    jsonb_build_object('email', v_inv.email, 'role', v_inv.role, 'user_id', v_uid));
+  perform private.audit_append(v_inv.org_id, v_inv.org_id, 'member_added', 'user', v_uid::text,
+    jsonb_build_object('user_id', v_uid, 'role', v_inv.role, 'via', 'invite', 'invite_id', v_inv.id));
   return private.org_json(v_inv.org_id, v_inv.role);
 end
 $$;
@@ -534,6 +572,9 @@ begin
   insert into public.api_keys (user_id, org_id, kind, name, key_hash, key_prefix, expires_at)
   values (p_user, p_org, p_kind, btrim(p_name), private.sha256_hex(v_secret), left(v_secret, 12), p_expires)
   returning * into v_key;
+  perform private.audit_append(coalesce(p_org, p_user), p_org, 'api_key_created', 'api_key', v_key.id::text,
+    jsonb_build_object('name', v_key.name, 'kind', v_key.kind, 'prefix', v_key.key_prefix, 'owner', p_user,
+                       'expires_at', v_key.expires_at));
   return private.api_key_json(v_key) || jsonb_build_object('secret', v_secret);
 end
 $$;
@@ -620,6 +661,8 @@ begin
   if v_key.id is null then
     perform private.err(404, 'api_key_not_found', 'No API key with that id that you can manage.');
   end if;
+  perform private.audit_append(coalesce(v_key.org_id, v_key.user_id), v_key.org_id, 'api_key_revoked', 'api_key',
+    v_key.id::text, jsonb_build_object('name', v_key.name, 'kind', v_key.kind, 'prefix', v_key.key_prefix));
   return private.api_key_json(v_key);
 end
 $$;

@@ -84,10 +84,11 @@ end
 $$;
 
 create function private.tx_json(t public.credit_transactions, p_replayed boolean) returns jsonb
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select jsonb_build_object(
+begin
+  return jsonb_build_object(
     'transaction_id', t.id,
     'source', case when t.org_id is null then 'user' else 'org' end,
     'org_id', t.org_id,
@@ -96,7 +97,8 @@ as $$
     'amount', t.amount,
     'balance', t.balance_after,
     'reason', t.reason,
-    'replayed', p_replayed)
+    'replayed', p_replayed);
+end
 $$;
 
 -- Returns the earlier row for this account and key, or raises PT409 when it differs.
@@ -215,6 +217,10 @@ begin
   values (v_org, v_uid, v_key_id, -debit_credits.amount, v_balance, debit_credits.reason,
           debit_credits.idempotency_key, v_meta)
   returning * into v_tx;
+  perform private.audit_append(coalesce(v_org, v_uid), v_org, 'credit_debit', 'credit_transaction', v_tx.id::text,
+    jsonb_build_object('amount', debit_credits.amount, 'reason', debit_credits.reason,
+      'source', case when v_org is null then 'user' else 'org' end, 'balance_after', v_balance,
+      'idempotency_key', debit_credits.idempotency_key));
   return private.tx_json(v_tx, false);
 end
 $$;
@@ -275,6 +281,9 @@ begin
   values (v_org, case when v_org is null then grant_credits.user_id end, grant_credits.amount, v_balance,
           grant_credits.reason, grant_credits.idempotency_key, v_meta)
   returning * into v_tx;
+  perform private.audit_append(coalesce(v_org, grant_credits.user_id), v_org, 'credits_granted', 'credit_transaction',
+    v_tx.id::text, jsonb_build_object('amount', grant_credits.amount, 'reason', grant_credits.reason,
+      'balance_after', v_balance, 'idempotency_key', grant_credits.idempotency_key, 'metadata', v_meta));
   return private.tx_json(v_tx, false);
 end
 $$;
