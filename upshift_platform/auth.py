@@ -8,6 +8,7 @@ grants, security-definer RPCs). Tokens and keys are never logged or echoed back.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import jwt
 import psycopg
 
-from .db import call
+from .db import act_as, call
 from .errors import ApiError
 from .http import Ctx
 from .settings import Settings
@@ -157,12 +158,37 @@ class Actor:
         return self.user_id or self.key_id
 
 
-def _act_as(cur: psycopg.Cursor[Any], claims: dict[str, Any]) -> None:
-    cur.execute(
-        "select set_config('role', 'authenticated', true),"
-        " set_config('request.jwt.claims', %s, true)",
-        (json.dumps(claims),),
-    )
+def client_ip(ctx: Ctx) -> str | None:
+    """The caller's address: the peer, or X-Forwarded-For when the peer is a trusted proxy."""
+    trusted = ctx.platform.settings.trusted_networks
+    peer = ctx.request.remote_addr
+    hops = [h.strip() for h in (ctx.request.headers.get("X-Forwarded-For") or "").split(",") if h.strip()]
+    chain = [*hops, peer] if peer else hops
+    # Walk back from the nearest hop while it is one of our proxies.
+    candidate = peer
+    for hop in reversed(chain):
+        candidate = hop
+        try:
+            addr = ipaddress.ip_address(hop)
+        except ValueError:
+            return None
+        if not any(addr in net for net in trusted):
+            break
+    try:
+        return str(ipaddress.ip_address(candidate)) if candidate else None
+    except ValueError:
+        return None
+
+
+def request_headers(ctx: Ctx) -> dict[str, str]:
+    headers = {}
+    ua = ctx.request.headers.get("User-Agent")
+    if ua:
+        headers["user-agent"] = ua[:512]
+    ip = client_ip(ctx)
+    if ip:
+        headers["x-forwarded-for"] = ip
+    return headers
 
 
 @contextmanager
@@ -170,13 +196,14 @@ def session(ctx: Ctx) -> Iterator[tuple[Actor, psycopg.Cursor[Any]]]:
     """Authenticate the request and open its one transaction, acting as the caller."""
     plat = ctx.platform
     cred = plat.auth.credential(ctx.request.headers.get("Authorization"))
+    headers = request_headers(ctx)
     if cred.kind == "jwt":
-        with plat.db.request("authenticated", cred.claims) as cur:
+        with plat.db.request("authenticated", cred.claims, headers) as cur:
             actor = Actor(claims=cred.claims, user_id=str(cred.claims["sub"]))
             ctx.actor_id = actor.id
             yield actor, cur
         return
-    with plat.db.request("service_role") as cur:
+    with plat.db.request("service_role", None, headers) as cur:
         row = call(cur, "authenticate_api_key", p_key_hash=cred.key_hash)
         if row is None or row["status"] == "unknown":
             raise unauthenticated("Unknown API key.")
@@ -187,7 +214,7 @@ def session(ctx: Ctx) -> Iterator[tuple[Actor, psycopg.Cursor[Any]]]:
         claims: dict[str, Any] = {"role": "authenticated", "aud": "authenticated", "upshift": upshift}
         if row["kind"] == "personal":
             claims["sub"] = str(row["user_id"])
-        _act_as(cur, claims)
+        act_as(cur, "authenticated", claims, headers)
         actor = Actor(
             claims=claims,
             user_id=claims.get("sub"),

@@ -22,6 +22,19 @@ from psycopg_pool import ConnectionPool
 API_ROLES = ("anon", "authenticated", "service_role")
 
 
+def act_as(cur: psycopg.Cursor[Any], role: str, claims: dict[str, Any] | None,
+           headers: dict[str, str] | None = None, statement_timeout: str | None = None) -> None:
+    """Transaction-local ``role``, ``request.jwt.claims``, ``request.headers`` (what PostgREST sets)."""
+    if role not in API_ROLES:
+        raise ValueError(f"unknown API role {role!r}")
+    cur.execute(
+        "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
+        " set_config('request.headers', %s, true),"
+        " case when %s::text is not null then set_config('statement_timeout', %s, true) end",
+        (role, json.dumps(claims or {"role": role}), json.dumps(headers or {}), statement_timeout, statement_timeout),
+    )
+
+
 def connect_kwargs() -> dict[str, Any]:
     return {"prepare_threshold": None, "row_factory": dict_row}
 
@@ -53,18 +66,33 @@ class Database:
             self._opened = False
 
     @contextmanager
-    def request(self, role: str, claims: dict[str, Any] | None = None) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
-        """One transaction as ``role`` with ``claims`` as ``request.jwt.claims``."""
-        if role not in API_ROLES:
-            raise ValueError(f"unknown API role {role!r}")
-        self.open()
-        with self.pool.connection(timeout=10) as conn, conn.transaction(), conn.cursor() as cur:
-            cur.execute(
-                "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true),"
-                " set_config('statement_timeout', %s, true)",
-                (role, json.dumps(claims or {"role": role}), self.statement_timeout),
-            )
+    def request(self, role: str, claims: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                ) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
+        """One transaction as ``role`` with ``claims`` as ``request.jwt.claims``.
+
+        ``headers`` (lower-case names) become ``request.headers``, as PostgREST sets them: the audit
+        log reads ``user-agent`` and ``x-forwarded-for`` (the client address we resolved) from there.
+        """
+        with self.pool_connection() as conn, conn.transaction(), conn.cursor() as cur:
+            act_as(cur, role, claims, headers, self.statement_timeout)
             yield cur
+
+    @contextmanager
+    def pool_connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        self.open()
+        with self.pool.connection(timeout=10) as conn:
+            yield conn
+
+    def stream(self, role: str, claims: dict[str, Any], headers: dict[str, str] | None, sql: str,
+               params: dict[str, Any], batch: int = 1000) -> Iterator[dict[str, Any]]:
+        """Rows of ``sql`` through a server-side cursor, ``batch`` at a time: constant memory."""
+        with self.pool_connection() as conn, conn.transaction():
+            with conn.cursor() as cur:
+                act_as(cur, role, claims, headers, self.statement_timeout)
+            with conn.cursor(name="upshift_stream") as named:
+                named.itersize = batch
+                named.execute(sql, params)
+                yield from named
 
     def ping(self) -> None:
         self.open()

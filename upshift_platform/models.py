@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -128,3 +128,50 @@ class TransactionsQuery(Strict):
     until: datetime | None = None
     limit: int = Field(default=100, ge=1, le=1000)
     cursor: str | None = Field(default=None, max_length=200)
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+class AuditEventIn(Lenient):
+    """One event as the upshift CLI posts it. Type-specific metadata is checked by the database."""
+
+    event_type: str = Field(min_length=1, max_length=64,
+                            description="upgrade, fix, scan_upload, or any ^[a-z][a-z0-9_.]{0,63}$")
+    resource_type: str = Field(min_length=1, max_length=64)
+    resource_id: str | None = Field(default=None, max_length=512)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="A JSON object of at most 16 KB")
+    org_id: str | None = OrgRef
+    timestamp: str | None = Field(default=None, max_length=40, description="The client's ISO 8601 time")
+
+
+class AuditBatchIn(Lenient):
+    events: list[AuditEventIn] = Field(min_length=1, max_length=500)
+    org_id: str | None = OrgRef
+
+
+class AuditQuery(Strict):
+    org_id: str | None = OrgRef
+    since: datetime | None = None
+    until: datetime | None = None
+    event_type: list[str] | None = Field(default=None, max_length=20)
+    actor: UUID | None = Field(default=None, description="A user id or a service key id")
+    resource_type: str | None = Field(default=None, max_length=64)
+    resource_id: str | None = Field(default=None, max_length=512)
+    limit: int = Field(default=100, ge=1, le=1000)
+    cursor: str | None = Field(default=None, max_length=200)
+
+
+class AuditExportQuery(Strict):
+    format: Literal["csv", "ndjson"] = "ndjson"
+    org_id: str | None = OrgRef
+    since: datetime | None = None
+    until: datetime | None = None
+    event_type: list[str] | None = Field(default=None, max_length=20)
+    actor: UUID | None = None
+    resource_type: str | None = Field(default=None, max_length=64)
+    resource_id: str | None = Field(default=None, max_length=512)
+
+
+class AuditVerifyQuery(Strict):
+    org_id: str | None = OrgRef

@@ -5,6 +5,7 @@ A missing required value fails loudly at startup, not on the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -64,9 +65,13 @@ class Settings:
     pool_max: int = 10
     statement_timeout_ms: int = 5000
     prices: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PRICES))
-    trusted_proxies: frozenset[str] = frozenset()
+    trusted_proxies: tuple[str, ...] = ()
     public_base_url: str = "http://127.0.0.1:8080"
     bonus_multiplier: float = 1.0
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return _networks(self.trusted_proxies)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -80,6 +85,8 @@ class Settings:
         jwks = env.get("SUPABASE_JWKS_URL") or (
             f"{supabase_url.rstrip('/')}/auth/v1/.well-known/jwks.json" if supabase_url else None
         )
+        proxies = tuple(p.strip() for p in env.get("UPSHIFT_TRUSTED_PROXIES", "").split(",") if p.strip())
+        _networks(proxies)  # fail at startup on a bad entry
         secret = env.get("SUPABASE_JWT_SECRET") or None
         if not secret and not jwks:
             raise SettingsError("set SUPABASE_JWT_SECRET and/or SUPABASE_URL to verify access tokens")
@@ -92,12 +99,18 @@ class Settings:
             pool_max=_int(env, "UPSHIFT_DB_POOL_MAX", 10),
             statement_timeout_ms=_int(env, "UPSHIFT_STATEMENT_TIMEOUT_MS", 5000),
             prices=_prices(env.get("UPSHIFT_PRICES")),
-            trusted_proxies=frozenset(
-                p.strip() for p in env.get("UPSHIFT_TRUSTED_PROXIES", "").split(",") if p.strip()
-            ),
+            trusted_proxies=proxies,
             public_base_url=env.get("UPSHIFT_PUBLIC_BASE_URL", "http://127.0.0.1:8080"),
             bonus_multiplier=_float(env, "UPSHIFT_BONUS_MULTIPLIER", 1.0),
         )
+
+
+@lru_cache(maxsize=64)
+def _networks(items: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in items)
+    except ValueError as exc:
+        raise SettingsError(f"UPSHIFT_TRUSTED_PROXIES: {exc}") from exc
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,380 @@
+-- Audit API: ingest (what the upshift CLI posts), read access, export bookkeeping, chain
+-- verification, retention purge.
+
+create function private.platform_event_types() returns text[]
+language sql immutable
+set search_path = ''
+as $$
+  select array['org_created', 'org_updated', 'member_added', 'member_removed', 'member_role_changed',
+               'invite_created', 'invite_revoked', 'invite_accepted', 'api_key_created', 'api_key_revoked',
+               'credit_debit', 'credits_granted', 'credits_purchased', 'credits_refunded', 'plan_changed',
+               'audit_export', 'audit_purged']
+$$;
+comment on function private.platform_event_types() is
+  'Event types only the platform writes; clients cannot post them.';
+
+create table public.audit_ingest_keys (
+  actor_id uuid not null,
+  idempotency_key text not null,
+  request_hash text not null,
+  result jsonb not null,
+  created_at timestamptz not null default now(),
+  primary key (actor_id, idempotency_key),
+  constraint audit_ingest_keys_key_length check (length(idempotency_key) between 1 and 200)
+);
+comment on table public.audit_ingest_keys is
+  'Idempotency keys of audit ingest requests (per actor: user or service key) and what they returned.';
+alter table public.audit_ingest_keys enable row level security;
+revoke all on table public.audit_ingest_keys from anon, authenticated, service_role;
+grant select on table public.audit_ingest_keys to service_role;
+
+-- Ingest -----------------------------------------------------------------------------------
+
+create function private.ingest_error(p_status integer, p_code text, p_index integer, p_field text, p_message text)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform private.err(p_status, p_code, format('events[%s].%s: %s', p_index, p_field, p_message),
+    jsonb_build_object('field', format('events[%s].%s', p_index, p_field), 'index', p_index));
+end
+$$;
+
+create function private.check_audit_event(e jsonb, i integer) returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_type text := e ->> 'event_type';
+  m jsonb := coalesce(e -> 'metadata', '{}'::jsonb);
+  f text;
+begin
+  if jsonb_typeof(e) is distinct from 'object' then
+    perform private.err(400, 'invalid_event', format('events[%s] is not an object.', i),
+                        jsonb_build_object('field', format('events[%s]', i), 'index', i));
+  end if;
+  if jsonb_typeof(e -> 'event_type') is distinct from 'string' then
+    perform private.ingest_error(400, 'invalid_event', i, 'event_type', 'required, a string.');
+  elsif v_type !~ '^[a-z][a-z0-9_.]{0,63}$' then
+    perform private.ingest_error(400, 'invalid_event_type', i, 'event_type',
+      'must match ^[a-z][a-z0-9_.]{0,63}$.');
+  elsif v_type = any (private.platform_event_types()) then
+    perform private.ingest_error(400, 'reserved_event_type', i, 'event_type',
+      format('%s is written by the platform itself and cannot be posted.', v_type));
+  end if;
+  if jsonb_typeof(e -> 'resource_type') is distinct from 'string'
+     or length(e ->> 'resource_type') not between 1 and 64 then
+    perform private.ingest_error(400, 'invalid_event', i, 'resource_type', 'required, a string of 1-64 characters.');
+  end if;
+  if e ? 'resource_id' and jsonb_typeof(e -> 'resource_id') not in ('string', 'null') then
+    perform private.ingest_error(400, 'invalid_event', i, 'resource_id', 'a string.');
+  elsif length(e ->> 'resource_id') > 512 then
+    perform private.ingest_error(400, 'invalid_event', i, 'resource_id', 'at most 512 characters.');
+  end if;
+  if jsonb_typeof(m) <> 'object' then
+    perform private.ingest_error(400, 'invalid_event', i, 'metadata', 'a JSON object.');
+  elsif length(m::text) > 16384 then
+    perform private.ingest_error(413, 'metadata_too_large', i, 'metadata', 'larger than 16 KB.');
+  end if;
+  if e ? 'timestamp' and jsonb_typeof(e -> 'timestamp') <> 'null' and (
+       jsonb_typeof(e -> 'timestamp') <> 'string'
+       or e ->> 'timestamp' !~ '^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|z|[+-]\d{2}(:?\d{2})?)?$') then
+    perform private.ingest_error(400, 'invalid_timestamp', i, 'timestamp', 'an ISO 8601 date-time.');
+  end if;
+  if e ? 'org_id' and jsonb_typeof(e -> 'org_id') not in ('string', 'null') then
+    perform private.ingest_error(400, 'invalid_event', i, 'org_id', 'an org id or slug (a string).');
+  end if;
+  -- The upshift CLI's own event types have their metadata checked.
+  if v_type = 'upgrade' then
+    foreach f in array array['to_version', 'outcome'] loop
+      if jsonb_typeof(m -> f) is distinct from 'string' then
+        perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.' || f, 'required for upgrade, a string.');
+      end if;
+    end loop;
+    if jsonb_typeof(m -> 'from_version') not in ('string', 'null') or not m ? 'from_version' then
+      perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.from_version',
+        'required for upgrade, a string or null.');
+    end if;
+  elsif v_type = 'fix' then
+    if jsonb_typeof(m -> 'applied') is distinct from 'boolean' then
+      perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.applied', 'required for fix, a boolean.');
+    end if;
+    if jsonb_typeof(m -> 'fix_count') is distinct from 'number' or (m ->> 'fix_count')::numeric < 0
+       or (m ->> 'fix_count')::numeric <> trunc((m ->> 'fix_count')::numeric) then
+      perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.fix_count',
+        'required for fix, a whole number >= 0.');
+    end if;
+    foreach f in array array['from_version', 'to_version'] loop
+      if m ? f and jsonb_typeof(m -> f) not in ('string', 'null') then
+        perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.' || f, 'a string or null.');
+      end if;
+    end loop;
+  elsif v_type = 'scan_upload' then
+    if jsonb_typeof(m -> 'outdated_count') is distinct from 'number' or (m ->> 'outdated_count')::numeric < 0
+       or (m ->> 'outdated_count')::numeric <> trunc((m ->> 'outdated_count')::numeric) then
+      perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.outdated_count',
+        'required for scan_upload, a whole number >= 0.');
+    end if;
+    if jsonb_typeof(m -> 'cwd') is distinct from 'string' then
+      perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.cwd', 'required for scan_upload, a string.');
+    end if;
+  end if;
+end
+$$;
+
+create function public.record_audit_events(events jsonb, org text default null, idempotency_key text default null)
+returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_uid uuid := (select auth.uid());
+  v_key uuid;
+  v_actor uuid;
+  v_hash text;
+  v_prev public.audit_ingest_keys;
+  v_n integer;
+  v_i integer := 0;
+  v_e jsonb;
+  v_org_text text;
+  v_last_org_text text := chr(1);
+  v_ctx jsonb;
+  v_role text;
+  v_scope uuid;
+  v_org uuid;
+  v_row public.audit_logs;
+  v_out jsonb := '[]'::jsonb;
+  v_result jsonb;
+begin
+  if v_uid is null then
+    select s.key_id into v_key from private.service_key() s;
+    if v_key is null then
+      perform private.err(403, 'no_actor', 'Recording events needs a signed-in user or an active org service key.');
+    end if;
+  end if;
+  v_actor := coalesce(v_uid, v_key);
+  if jsonb_typeof(record_audit_events.events) is distinct from 'array' then
+    perform private.err(400, 'invalid_request', 'events must be a JSON array.', '{"field": "events"}');
+  end if;
+  v_n := jsonb_array_length(record_audit_events.events);
+  if v_n = 0 then
+    perform private.err(400, 'invalid_request', 'events is empty.', '{"field": "events"}');
+  elsif v_n > 500 then
+    perform private.err(400, 'too_many_events', format('At most 500 events at once (got %s).', v_n),
+                        '{"field": "events"}');
+  end if;
+  if record_audit_events.idempotency_key is not null then
+    if length(record_audit_events.idempotency_key) not between 1 and 200 then
+      perform private.err(400, 'invalid_idempotency_key', 'idempotency_key is 1-200 characters.',
+                          '{"field": "idempotency_key"}');
+    end if;
+    v_hash := encode(sha256(convert_to(jsonb_build_array(record_audit_events.events, record_audit_events.org)::text,
+                                       'UTF8')), 'hex');
+    perform pg_advisory_xact_lock(hashtextextended('audit-ingest:' || v_actor::text || '/'
+                                                   || record_audit_events.idempotency_key, 0));
+    select * into v_prev from public.audit_ingest_keys k
+    where k.actor_id = v_actor and k.idempotency_key = record_audit_events.idempotency_key;
+    if v_prev.actor_id is not null then
+      if v_prev.request_hash <> v_hash then
+        perform private.err(409, 'idempotency_conflict',
+          format('Idempotency key %s was already used with a different body.', record_audit_events.idempotency_key),
+          jsonb_build_object('idempotency_key', record_audit_events.idempotency_key));
+      end if;
+      return v_prev.result || '{"replayed": true}'::jsonb;
+    end if;
+  end if;
+
+  for v_e in select value from jsonb_array_elements(record_audit_events.events) loop
+    perform private.check_audit_event(v_e, v_i);
+    v_org_text := coalesce(nullif(btrim(v_e ->> 'org_id'), ''), nullif(btrim(record_audit_events.org), ''));
+    if v_org_text is distinct from v_last_org_text then
+      v_ctx := public.resolve_org(v_org_text);
+      v_role := v_ctx ->> 'role';
+      if v_ctx is not null and v_role not in ('admin', 'member', 'service') then
+        perform private.err(403, 'cannot_write_audit',
+          format('Your role in org %s (%s) cannot record events.', v_ctx ->> 'slug', v_role),
+          jsonb_build_object('org_id', v_ctx -> 'id', 'role', v_role, 'index', v_i));
+      end if;
+      v_org := (v_ctx ->> 'id')::uuid;
+      v_scope := coalesce(v_org, v_uid);
+      if v_scope is null then
+        perform private.err(403, 'org_required', 'A service key records events in its org only.');
+      end if;
+      v_last_org_text := v_org_text;
+    end if;
+    v_row := private.audit_append(v_scope, v_org, v_e ->> 'event_type', v_e ->> 'resource_type',
+      v_e ->> 'resource_id', coalesce(v_e -> 'metadata', '{}'::jsonb),
+      (nullif(v_e ->> 'timestamp', ''))::timestamptz);
+    v_out := v_out || jsonb_build_array(jsonb_build_object('id', v_row.id, 'seq', v_row.seq,
+      'scope_id', v_row.scope_id, 'org_id', v_row.org_id, 'event_type', v_row.event_type,
+      'created_at', v_row.created_at));
+    v_i := v_i + 1;
+  end loop;
+
+  v_result := jsonb_build_object('events', v_out, 'count', v_n);
+  if record_audit_events.idempotency_key is not null then
+    insert into public.audit_ingest_keys (actor_id, idempotency_key, request_hash, result)
+    values (v_actor, record_audit_events.idempotency_key, v_hash, v_result);
+  end if;
+  return v_result || '{"replayed": false}'::jsonb;
+end
+$$;
+comment on function public.record_audit_events(jsonb, text, text) is
+  'Record client events (the upshift CLI''s upgrade / fix / scan_upload, or any a-z0-9_. type that is not a '
+  'platform type). Scope: the event''s org_id, else org, else the key''s org, else the default org, else '
+  'the caller''s personal log; the caller must be admin or member there. All or nothing.';
+
+-- Read access ------------------------------------------------------------------------------
+
+create function public.audit_scope(org text default null) returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v_uid uuid := (select auth.uid());
+  v_org uuid;
+  v_role text;
+  v_plan text;
+begin
+  if audit_scope.org is null or btrim(audit_scope.org) = '' then
+    if v_uid is null then
+      perform private.err(403, 'user_required', 'Reading audit logs needs a signed-in user.');
+    end if;
+    return jsonb_build_object('scope_id', v_uid, 'org_id', null, 'kind', 'user');
+  end if;
+  v_org := private.find_org(audit_scope.org);
+  v_role := case when v_org is not null then private.actor_org_role(v_org) end;
+  if v_role is null then
+    perform private.err(403, 'org_forbidden',
+      format('You are not a member of org %s (or it does not exist).', audit_scope.org),
+      jsonb_build_object('org', audit_scope.org));
+  end if;
+  if v_role not in ('admin', 'viewer') then
+    perform private.err(403, 'audit_role_required',
+      format('Reading the audit log of org %s needs the admin or viewer role; you are %s.', audit_scope.org, v_role),
+      jsonb_build_object('org', audit_scope.org, 'role', v_role));
+  end if;
+  select o.plan into v_plan from public.orgs o where o.id = v_org;
+  if v_plan <> 'team' then
+    perform private.err(403, 'team_plan_required',
+      format('Org audit logs are a Team plan feature; %s is on the %s plan.', audit_scope.org, v_plan),
+      jsonb_build_object('org', audit_scope.org, 'plan', v_plan));
+  end if;
+  return jsonb_build_object('scope_id', v_org, 'org_id', v_org, 'kind', 'org', 'role', v_role);
+end
+$$;
+comment on function public.audit_scope(text) is
+  'Check the caller may read an org''s audit log (admin or viewer, Team plan) or their own (no org).';
+
+create function public.record_audit_export(org text default null, format text default 'ndjson',
+                                           filters jsonb default '{}') returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_scope jsonb := public.audit_scope(record_audit_export.org);
+  v_row public.audit_logs;
+begin
+  v_row := private.audit_append((v_scope ->> 'scope_id')::uuid, (v_scope ->> 'org_id')::uuid, 'audit_export',
+    'audit_log', v_scope ->> 'scope_id',
+    jsonb_build_object('format', record_audit_export.format, 'filters', coalesce(record_audit_export.filters, '{}')));
+  return v_scope || jsonb_build_object('export_event_id', v_row.id, 'export_event_seq', v_row.seq);
+end
+$$;
+comment on function public.record_audit_export(text, text, jsonb) is
+  'Check export access and record the export itself as an audit event (before the rows are streamed).';
+
+create function public.verify_audit_log(org text default null) returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v_scope jsonb := public.audit_scope(verify_audit_log.org);
+begin
+  return private.verify_audit_scope((v_scope ->> 'scope_id')::uuid) || jsonb_build_object('org_id', v_scope -> 'org_id');
+end
+$$;
+comment on function public.verify_audit_log(text) is
+  'Recompute the caller''s (or an org''s, admin/viewer, Team) audit chain: ok, or the first bad sequence number.';
+
+-- Operator ---------------------------------------------------------------------------------
+
+create function public.admin_verify_audit_log(org text default null, user_id uuid default null) returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v_scope uuid;
+begin
+  if (admin_verify_audit_log.org is null) = (admin_verify_audit_log.user_id is null) then
+    perform private.err(400, 'invalid_account', 'Give exactly one of org and user_id.');
+  end if;
+  v_scope := coalesce(private.find_org(admin_verify_audit_log.org), admin_verify_audit_log.user_id);
+  if v_scope is null then
+    perform private.err(404, 'org_not_found', format('No org %s.', admin_verify_audit_log.org));
+  end if;
+  return private.verify_audit_scope(v_scope);
+end
+$$;
+comment on function public.admin_verify_audit_log(text, uuid) is 'Operator (service_role): verify any scope''s chain.';
+
+create function public.purge_audit_logs(as_of timestamptz default now()) returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  r record;
+  v_deleted bigint;
+  v_total bigint := 0;
+  v_scopes integer := 0;
+begin
+  for r in
+    select l.scope_id, min(l.created_at) as oldest from public.audit_logs l group by l.scope_id
+  loop
+    if r.oldest < purge_audit_logs.as_of - make_interval(days => private.audit_retention_days(r.scope_id)) then
+      v_deleted := private.purge_audit_scope(r.scope_id, purge_audit_logs.as_of);
+      if v_deleted > 0 then
+        v_total := v_total + v_deleted;
+        v_scopes := v_scopes + 1;
+      end if;
+    end if;
+  end loop;
+  return jsonb_build_object('scopes', v_scopes, 'deleted', v_total, 'as_of', purge_audit_logs.as_of);
+end
+$$;
+comment on function public.purge_audit_logs(timestamptz) is
+  'Operator (service_role): delete audit rows older than each scope''s retention, keeping a checkpoint so the '
+  'remaining chain still verifies.';
+
+create function public.admin_set_audit_retention(org text, days integer) returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_org uuid := private.find_org(admin_set_audit_retention.org);
+begin
+  if v_org is null then
+    perform private.err(404, 'org_not_found', format('No org %s.', admin_set_audit_retention.org));
+  end if;
+  if admin_set_audit_retention.days is not null and admin_set_audit_retention.days not between 1 and 3650 then
+    perform private.err(400, 'invalid_days', 'days is 1-3650, or null for the plan default.', '{"field": "days"}');
+  end if;
+  update public.orgs o set audit_retention_days = admin_set_audit_retention.days where o.id = v_org;
+  return jsonb_build_object('org_id', v_org, 'audit_retention_days', admin_set_audit_retention.days,
+                            'effective_days', private.audit_retention_days(v_org));
+end
+$$;
+comment on function public.admin_set_audit_retention(text, integer) is
+  'Operator (service_role): set an org''s audit retention in days (null: by plan).';
+
+revoke all on function private.platform_event_types(), private.ingest_error(integer, text, integer, text, text),
+  private.check_audit_event(jsonb, integer) from public;
+revoke all on function public.record_audit_events(jsonb, text, text), public.audit_scope(text),
+  public.record_audit_export(text, text, jsonb), public.verify_audit_log(text),
+  public.admin_verify_audit_log(text, uuid), public.purge_audit_logs(timestamptz),
+  public.admin_set_audit_retention(text, integer) from public, anon;
+grant execute on function public.record_audit_events(jsonb, text, text), public.audit_scope(text),
+  public.record_audit_export(text, text, jsonb), public.verify_audit_log(text) to authenticated;
+grant execute on function public.admin_verify_audit_log(text, uuid), public.purge_audit_logs(timestamptz),
+  public.admin_set_audit_retention(text, integer) to service_role;
