@@ -175,3 +175,26 @@ class AuditExportQuery(Strict):
 
 class AuditVerifyQuery(Strict):
     org_id: str | None = OrgRef
+
+
+# --- checkout --------------------------------------------------------------------------------
+
+
+class CheckoutCredits(Lenient):
+    """``{"pack": "small", "token": "..."}`` as the CLI sends it (the repeated token is ignored)."""
+
+    pack: Literal["small", "medium", "large"]
+    org_id: str | None = OrgRef
+
+
+class CheckoutSubscription(Lenient):
+    tier: Literal["pro", "team"]
+    org_id: str | None = OrgRef
+
+
+class CheckoutResult(BaseModel):
+    url: str
+    id: str
+    account_kind: Literal["org", "user"]
+    account_id: UUID
+    credits: int | None = None

@@ -55,6 +55,47 @@ def _prices(raw: str | None) -> dict[str, int]:
     return prices
 
 
+PACKS = ("small", "medium", "large")
+TIERS = ("pro", "team")
+
+
+@dataclass(frozen=True)
+class StripeSettings:
+    """Stripe configuration. Anything missing makes the endpoints that need it answer 503."""
+
+    secret_key: str | None = None
+    webhook_secret: str | None = None
+    prices: dict[str, str] = field(default_factory=dict)  # small/medium/large/pro/team -> price id
+    api_base: str | None = None
+    pack_credits: dict[str, int] = field(default_factory=lambda: {"small": 100, "medium": 300, "large": 1000})
+    plan_credits: dict[str, int] = field(default_factory=lambda: {"pro": 100, "team": 1000})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> StripeSettings:
+        prices = {name: env[f"STRIPE_PRICE_{name.upper()}"] for name in TIERS
+                  if env.get(f"STRIPE_PRICE_{name.upper()}")}
+        prices |= {name: env[f"STRIPE_PRICE_PACK_{name.upper()}"] for name in PACKS
+                   if env.get(f"STRIPE_PRICE_PACK_{name.upper()}")}
+        return cls(
+            secret_key=env.get("STRIPE_SECRET_KEY") or None,
+            webhook_secret=env.get("STRIPE_WEBHOOK_SECRET") or None,
+            prices=prices,
+            api_base=(env.get("STRIPE_API_BASE") or "").rstrip("/") or None,
+            pack_credits={p: _int(env, f"UPSHIFT_PACK_CREDITS_{p.upper()}", d)
+                          for p, d in (("small", 100), ("medium", 300), ("large", 1000))},
+            plan_credits={"pro": _int(env, "UPSHIFT_PRO_MONTHLY_CREDITS", 100),
+                          "team": _int(env, "UPSHIFT_TEAM_MONTHLY_CREDITS", 1000)},
+        )
+
+    def fulfilment_config(self) -> dict[str, object]:
+        """What the database needs to apply events: credits per pack and plan, price -> tier."""
+        return {
+            "pack_credits": self.pack_credits,
+            "plan_credits": self.plan_credits,
+            "price_tiers": {price: tier for tier, price in self.prices.items() if tier in TIERS},
+        }
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -66,8 +107,9 @@ class Settings:
     statement_timeout_ms: int = 5000
     prices: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     trusted_proxies: tuple[str, ...] = ()
-    public_base_url: str = "http://127.0.0.1:8080"
+    public_base_url: str | None = None
     bonus_multiplier: float = 1.0
+    stripe: StripeSettings = field(default_factory=StripeSettings)
 
     @property
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -100,7 +142,8 @@ class Settings:
             statement_timeout_ms=_int(env, "UPSHIFT_STATEMENT_TIMEOUT_MS", 5000),
             prices=_prices(env.get("UPSHIFT_PRICES")),
             trusted_proxies=proxies,
-            public_base_url=env.get("UPSHIFT_PUBLIC_BASE_URL", "http://127.0.0.1:8080"),
+            public_base_url=(env.get("UPSHIFT_PUBLIC_BASE_URL") or "").rstrip("/") or None,
+            stripe=StripeSettings.from_env(env),
             bonus_multiplier=_float(env, "UPSHIFT_BONUS_MULTIPLIER", 1.0),
         )
 

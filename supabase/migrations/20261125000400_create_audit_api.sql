@@ -7,8 +7,8 @@ set search_path = ''
 as $$
   select array['org_created', 'org_updated', 'member_added', 'member_removed', 'member_role_changed',
                'invite_created', 'invite_revoked', 'invite_accepted', 'api_key_created', 'api_key_revoked',
-               'credit_debit', 'credits_granted', 'credits_purchased', 'credits_refunded', 'plan_changed',
-               'audit_export', 'audit_purged']
+               'credit_debit', 'credits_granted', 'credits_purchased', 'credits_refunded', 'credits_restored',
+               'plan_changed', 'audit_export', 'audit_purged']
 $$;
 comment on function private.platform_event_types() is
   'Event types only the platform writes; clients cannot post them.';

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import flask
+
 from .. import cursor as keyset
+from .. import stripe_billing
 from ..auth import session
 from ..context import explicit_org, resolve
 from ..db import call
 from ..errors import ApiError
 from ..http import Ctx, Router
-from ..models import BillingStatus, Consume, ConsumeResult, InsufficientCredits, TransactionsQuery
+from ..models import (
+    BillingStatus,
+    CheckoutCredits,
+    CheckoutResult,
+    CheckoutSubscription,
+    Consume,
+    ConsumeResult,
+    InsufficientCredits,
+    TransactionsQuery,
+)
 
 router = Router("billing")
 
@@ -95,3 +107,78 @@ def transactions(ctx: Ctx):  # type: ignore[no-untyped-def]
     rows = rows[: q.limit]
     next_cursor = keyset.encode(rows[-1]["created_at"], rows[-1]["id"]) if more else None
     return {"data": rows, "next_cursor": next_cursor}
+
+
+# --- checkout (Stripe) -------------------------------------------------------------------------
+
+
+def _begin(ctx: Ctx, kind: str, body_org: str | None) -> dict[str, Any]:
+    with session(ctx) as (_actor, cur):
+        account: dict[str, Any] = call(cur, "begin_checkout", kind=kind, org=explicit_org(ctx, body_org))
+    if account.get("org_id"):
+        ctx.org_id = str(account["org_id"])
+    return account
+
+
+def _customer(ctx: Ctx, sc: Any, account: dict[str, Any]) -> str:
+    customer = stripe_billing.ensure_customer(sc, account)
+    if customer != account.get("stripe_customer_id"):
+        # Backend bookkeeping with ids the database just returned; the permission check happened above.
+        with ctx.platform.db.request("service_role") as cur:
+            customer = call(cur, "set_stripe_customer", account_kind=account["account_kind"],
+                            account_id=str(account["account_id"]), customer_id=customer)
+    return customer
+
+
+@router.route("POST", "/billing/checkout/credits", body=CheckoutCredits, response=CheckoutResult,
+              summary="A Stripe Checkout page for a credit pack (for the org context as its admin, else for you)",
+              errors=(400, 401, 403, 502, 503))
+def checkout_credits(ctx: Ctx):  # type: ignore[no-untyped-def]
+    body = ctx.body(CheckoutCredits)
+    settings = ctx.platform.settings
+    price = settings.stripe.prices.get(body.pack)
+    if not price:
+        raise stripe_billing.not_configured(f"STRIPE_PRICE_PACK_{body.pack.upper()}")
+    sc = stripe_billing.client(settings)
+    account = _begin(ctx, "credits", body.org_id)
+    multiplier = settings.bonus_multiplier if account["tier"] in ("pro", "team") else 1.0
+    credits = int(settings.stripe.pack_credits[body.pack] * multiplier)
+    customer = _customer(ctx, sc, account)
+    checkout = stripe_billing.create_checkout(sc, settings, mode="payment", price=price, customer=customer,
+                                              account=account, metadata={"pack": body.pack, "credits": str(credits)})
+    return {"url": checkout.url, "id": checkout.id, "account_kind": account["account_kind"],
+            "account_id": account["account_id"], "credits": credits}
+
+
+@router.route("POST", "/billing/checkout/subscription", body=CheckoutSubscription, response=CheckoutResult,
+              summary="A Stripe Checkout page for Pro (you) or Team (an org, as its admin)",
+              errors=(400, 401, 403, 409, 502, 503))
+def checkout_subscription(ctx: Ctx):  # type: ignore[no-untyped-def]
+    body = ctx.body(CheckoutSubscription)
+    settings = ctx.platform.settings
+    price = settings.stripe.prices.get(body.tier)
+    if not price:
+        raise stripe_billing.not_configured(f"STRIPE_PRICE_{body.tier.upper()}")
+    sc = stripe_billing.client(settings)
+    account = _begin(ctx, body.tier, body.org_id)
+    customer = _customer(ctx, sc, account)
+    checkout = stripe_billing.create_checkout(sc, settings, mode="subscription", price=price, customer=customer,
+                                              account=account, metadata={"tier": body.tier})
+    return {"url": checkout.url, "id": checkout.id, "account_kind": account["account_kind"],
+            "account_id": account["account_id"]}
+
+
+_PAGE = ("<!doctype html><meta charset=utf-8><title>upshift</title>"
+         "<body style='font-family:sans-serif;margin:4em'><h1>{title}</h1><p>{text}</p></body>")
+
+
+@router.route("GET", "/billing/success", auth=False, summary="Where Stripe Checkout returns after paying")
+def checkout_success(ctx: Ctx):  # type: ignore[no-untyped-def]
+    return flask.Response(_PAGE.format(title="Thank you", text="Payment received. Your credits or plan appear as soon "
+                                       "as Stripe confirms it; check with <code>upshift credits</code>."),
+                          mimetype="text/html")
+
+
+@router.route("GET", "/billing/cancel", auth=False, summary="Where Stripe Checkout returns when cancelled")
+def checkout_cancel(ctx: Ctx):  # type: ignore[no-untyped-def]
+    return flask.Response(_PAGE.format(title="Checkout cancelled", text="Nothing was charged."), mimetype="text/html")
