@@ -24,7 +24,7 @@ def unflatten(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     for key, value in pairs:
         parts = key.replace("]", "").split("[")
         node: Any = root
-        for part, nxt in zip(parts, parts[1:], strict=False):
+        for part, nxt in itertools.pairwise(parts):
             container: Any = [] if nxt.isdigit() else {}
             if isinstance(node, list):
                 idx = int(part)
