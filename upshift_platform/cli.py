@@ -18,6 +18,7 @@ import psycopg
 
 from . import embedded
 from .migrate import MigrationError, migrate
+from .paths import project_root
 from .settings import LOCAL_JWT_SECRET
 
 
@@ -136,16 +137,32 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """``make run``: embedded database, migrations, demo data, every function on one port."""
+    from .demo import demo_data, paste_block
     from .server import serve
 
     url = database_url(args)
+    endpoint = f"http://{args.host}:{args.port}"
+    os.environ.setdefault("UPSHIFT_PUBLIC_BASE_URL", endpoint)
     local_env(url)
-    for hook in _RUN_HOOKS:
-        hook(args, url)
+    info("loading the demo data (idempotent)")
+    data = demo_data(url, endpoint)
+    print(paste_block(data), flush=True)
     serve(args.host, args.port, workers=args.workers)
 
 
-_RUN_HOOKS: list[Callable[[argparse.Namespace, str], None]] = []
+def cmd_bench(args: argparse.Namespace) -> None:
+    import sys as _sys
+
+    root = str(project_root())
+    if root not in _sys.path:
+        _sys.path.insert(0, root)
+    try:
+        from bench import run_all
+    except ImportError as exc:
+        raise CliError(f"the bench/ scripts are not in {root} (run from a checkout)") from exc
+    if not os.environ.get("DATABASE_URL"):
+        info("no DATABASE_URL: the benchmarks start their own embedded server in .data/pg-bench")
+    run_all.main([*(["--quick"] if args.quick else []), "--only", args.only])
 
 
 # --- token -----------------------------------------------------------------------------------
@@ -224,12 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", action="store_true", help="add the auth.users row if missing")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub, add, db_target)
+    p = add(sub, "bench", cmd_bench, "run the benchmarks (debit, HTTP, audit) and print their tables")
+    p.add_argument("--quick", action="store_true", help="short runs (a smoke test, not figures to quote)")
+    p.add_argument("--only", default="debit,http,audit", help="comma-separated subset")
+
+    from . import demo, operator
+
+    operator.add_commands(sub, add, db_target)
+    demo.add_commands(sub, add, db_target)
     return parser
-
-
-_EXTRA_COMMANDS: list[Callable[..., None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,11 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"upshift-platform: {exc}".splitlines()[0], file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        msg = (exc.diag.message_primary or str(exc)).splitlines()[0] if exc.diag else str(exc)
-        print(f"upshift-platform: database error: {msg}", file=sys.stderr)
+        msg = ((exc.diag.message_primary if exc.diag else None) or str(exc) or type(exc).__name__).splitlines()[0]
+        state = exc.diag.sqlstate if exc.diag else None
+        prefix = "" if state and (state.startswith("PT") or state == "P0001") else "database error: "
+        print(f"upshift-platform: {prefix}{msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exc:
+        return int(exc.code or 0)
     return 0
 
 

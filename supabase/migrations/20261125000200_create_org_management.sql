@@ -321,31 +321,63 @@ as $$
 $$;
 revoke all on function private.lock_admins(uuid) from public;
 
-create function public.set_member_role(org text, user_id uuid, role text) returns jsonb
-language plpgsql security definer
+create function private.change_member_role(p_org uuid, p_user uuid, p_role text, p_via text) returns jsonb
+language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.org_for(set_member_role.org, array['admin']);
-  v_new text := private.check_role(set_member_role.role);
+  v_new text := private.check_role(p_role);
+  v_admins integer := private.lock_admins(p_org);
   v_old text;
-  v_admins integer := private.lock_admins(v_org);
 begin
-  select m.role into v_old from public.org_members m
-  where m.org_id = v_org and m.user_id = set_member_role.user_id for update;
+  select m.role into v_old from public.org_members m where m.org_id = p_org and m.user_id = p_user for update;
   if v_old is null then
-    perform private.err(404, 'member_not_found', 'No such member in this org.',
-                        jsonb_build_object('user_id', set_member_role.user_id));
+    perform private.err(404, 'member_not_found', 'No such member in this org.', jsonb_build_object('user_id', p_user));
   end if;
   if v_old = 'admin' and v_new <> 'admin' and v_admins <= 1 then
     perform private.err(409, 'last_admin', 'An org keeps at least one admin: promote another member first.');
   end if;
-  update public.org_members m set role = v_new
-  where m.org_id = v_org and m.user_id = set_member_role.user_id;
-  perform private.audit_append(v_org, v_org, 'member_role_changed', 'user', set_member_role.user_id::text,
-    jsonb_build_object('user_id', set_member_role.user_id, 'from', v_old, 'to', v_new));
-  return jsonb_build_object('org_id', v_org, 'user_id', set_member_role.user_id,
-                            'role', v_new, 'previous_role', v_old);
+  if v_new <> v_old then
+    update public.org_members m set role = v_new where m.org_id = p_org and m.user_id = p_user;
+    perform private.audit_append(p_org, p_org, 'member_role_changed', 'user', p_user::text,
+      jsonb_build_object('user_id', p_user, 'from', v_old, 'to', v_new, 'via', p_via));
+  end if;
+  return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'role', v_new, 'previous_role', v_old);
+end
+$$;
+
+create function private.delete_member(p_org uuid, p_user uuid, p_via text) returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_admins integer := private.lock_admins(p_org);
+  v_old text;
+begin
+  select m.role into v_old from public.org_members m where m.org_id = p_org and m.user_id = p_user for update;
+  if v_old is null then
+    perform private.err(404, 'member_not_found', 'No such member in this org.', jsonb_build_object('user_id', p_user));
+  end if;
+  if v_old = 'admin' and v_admins <= 1 then
+    perform private.err(409, 'last_admin', 'An org keeps at least one admin: promote another member first.');
+  end if;
+  delete from public.org_members m where m.org_id = p_org and m.user_id = p_user;
+  update public.profiles p set default_org_id = null where p.id = p_user and p.default_org_id = p_org;
+  perform private.audit_append(p_org, p_org, 'member_removed', 'user', p_user::text,
+    jsonb_build_object('user_id', p_user, 'role', v_old, 'via', p_via));
+  return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'removed', true, 'role', v_old);
+end
+$$;
+revoke all on function private.change_member_role(uuid, uuid, text, text), private.delete_member(uuid, uuid, text)
+  from public;
+
+create function public.set_member_role(org text, user_id uuid, role text) returns jsonb
+language plpgsql security definer
+set search_path = ''
+as $$
+begin
+  return private.change_member_role(private.org_for(set_member_role.org, array['admin']), set_member_role.user_id,
+                                    set_member_role.role, 'admin');
 end
 $$;
 comment on function public.set_member_role(text, uuid, text) is 'Change a member''s role (admin; never the last admin).';
@@ -356,25 +388,10 @@ set search_path = ''
 as $$
 declare
   v_self boolean := remove_member.user_id = (select auth.uid());
-  v_org uuid := private.org_for(remove_member.org, case when v_self then null else array['admin'] end);
-  v_old text;
-  v_admins integer := private.lock_admins(v_org);
 begin
-  select m.role into v_old from public.org_members m
-  where m.org_id = v_org and m.user_id = remove_member.user_id for update;
-  if v_old is null then
-    perform private.err(404, 'member_not_found', 'No such member in this org.',
-                        jsonb_build_object('user_id', remove_member.user_id));
-  end if;
-  if v_old = 'admin' and v_admins <= 1 then
-    perform private.err(409, 'last_admin', 'An org keeps at least one admin: promote another member first.');
-  end if;
-  delete from public.org_members m where m.org_id = v_org and m.user_id = remove_member.user_id;
-  update public.profiles p set default_org_id = null
-  where p.id = remove_member.user_id and p.default_org_id = v_org;
-  perform private.audit_append(v_org, v_org, 'member_removed', 'user', remove_member.user_id::text,
-    jsonb_build_object('user_id', remove_member.user_id, 'role', v_old, 'left', v_self));
-  return jsonb_build_object('org_id', v_org, 'user_id', remove_member.user_id, 'removed', true, 'role', v_old);
+  return private.delete_member(
+    private.org_for(remove_member.org, case when v_self then null else array['admin'] end),
+    remove_member.user_id, case when v_self then 'left' else 'admin' end);
 end
 $$;
 comment on function public.remove_member(text, uuid) is 'Remove a member (admin), or leave (the member); never the last admin.';
@@ -400,10 +417,8 @@ begin
     insert into public.org_members (org_id, user_id, role) values (v_org, admin_add_member.user_id, v_role);
     perform private.audit_append(v_org, v_org, 'member_added', 'user', admin_add_member.user_id::text,
       jsonb_build_object('user_id', admin_add_member.user_id, 'role', v_role, 'via', 'operator'));
-  elsif v_old <> v_role then
-    update public.org_members m set role = v_role where m.org_id = v_org and m.user_id = admin_add_member.user_id;
-    perform private.audit_append(v_org, v_org, 'member_role_changed', 'user', admin_add_member.user_id::text,
-      jsonb_build_object('user_id', admin_add_member.user_id, 'from', v_old, 'to', v_role, 'via', 'operator'));
+  else
+    return private.change_member_role(v_org, admin_add_member.user_id, v_role, 'operator');
   end if;
   return jsonb_build_object('org_id', v_org, 'user_id', admin_add_member.user_id, 'role', v_role);
 end

@@ -28,3 +28,10 @@ def health(ctx: Ctx):  # type: ignore[no-untyped-def]
             503,
         )
     return {"status": "ok", "database": "ok"}
+
+
+@router.route("GET", "/openapi.json", summary="This API's OpenAPI 3.1 description", auth=False)
+def openapi(ctx: Ctx):  # type: ignore[no-untyped-def]
+    from ..openapi import document
+
+    return document(ctx.platform.routers, ctx.platform.settings.public_base_url)

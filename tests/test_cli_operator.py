@@ -1,0 +1,185 @@
+"""Every operator command at least once, against a real database, in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from upshift_platform import cli
+from upshift_platform.embedded import free_port
+
+
+@pytest.fixture
+def run_cli(db_url, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("UPSHIFT_PROJECT_DIR", str(tmp_path))  # demo keys file goes here
+
+    def run(*argv: str, ok: bool = True):
+        code = cli.main(list(argv))
+        out = capsys.readouterr()
+        if ok:
+            assert code == 0, out.err
+        return code, out.out, out.err
+
+    return run
+
+
+def js(run, *argv):
+    return json.loads(run(*argv, "--json")[1])
+
+
+def test_orgs_members_keys(run_cli, conn):
+    org = js(run_cli, "orgs", "create", "--name", "Beta", "--slug", "beta", "--plan", "team",
+             "--admin-email", "boss@beta.test", "--create-user")
+    assert org["slug"] == "beta" and org["plan"] == "team"
+    code, _, err = run_cli("orgs", "create", "--name", "Beta", "--slug", "beta", ok=False)
+    assert code == 1 and err.strip() == "upshift-platform: The slug beta is taken."
+    assert [o["slug"] for o in js(run_cli, "orgs", "list")] == ["beta"]
+    assert "beta" in run_cli("orgs", "list")[1]
+    assert js(run_cli, "orgs", "set-plan", "--org", "beta", "--plan", "pro")["plan"] == "pro"
+
+    js(run_cli, "members", "add", "--org", "beta", "--email", "dev@beta.test", "--create-user")
+    assert js(run_cli, "members", "set-role", "--org", "beta", "--email", "dev@beta.test", "--role", "viewer")["role"] \
+        == "viewer"
+    code, _, err = run_cli("members", "set-role", "--org", "beta", "--email", "boss@beta.test", "--role", "member",
+                           ok=False)
+    assert code == 1 and "at least one admin" in err
+    assert {m["email"] for m in js(run_cli, "members", "list", "--org", "beta")} == {"boss@beta.test", "dev@beta.test"}
+    assert js(run_cli, "members", "remove", "--org", "beta", "--email", "dev@beta.test")["removed"] is True
+    code, _, err = run_cli("members", "add", "--org", "beta", "--email", "ghost@beta.test", ok=False)
+    assert code == 1 and "No user with email" in err
+
+    _, secret, _ = run_cli("keys", "create", "--email", "boss@beta.test", "--org", "beta", "--kind", "service",
+                           "--name", "ci")
+    assert secret.strip().startswith("ups_")
+    keys = js(run_cli, "keys", "list", "--org", "beta")
+    assert [k["name"] for k in keys] == ["ci"] and all("secret" not in k for k in keys)
+    assert secret.strip() not in json.dumps(keys)
+    revoked = js(run_cli, "keys", "revoke", keys[0]["id"])
+    assert revoked["revoked_at"] is not None
+
+
+def test_credits_commands(run_cli, world):
+    world.org("acme", balance=0, admin=world.user("a@acme.test"))
+    g = js(run_cli, "credits", "grant", "--org", "acme", "--amount", "100", "--reason", "admin_grant",
+           "--idempotency-key", "ticket-42")
+    assert g["balance"] == 100
+    again = js(run_cli, "credits", "grant", "--org", "acme", "--amount", "100", "--reason", "admin_grant",
+               "--idempotency-key", "ticket-42")
+    assert again["replayed"] is True and again["balance"] == 100
+    assert js(run_cli, "credits", "balance", "--org", "acme")["balance"] == 100
+    assert js(run_cli, "credits", "balance", "--email", "a@acme.test")["balance"] == 10
+    history = js(run_cli, "credits", "history", "--org", "acme")
+    assert [h["reason"] for h in history] == ["admin_grant"]
+    code, _, err = run_cli("credits", "grant", "--org", "acme", "--amount", "0", ok=False)
+    assert code == 1 and "amount must be a whole number" in err
+    with pytest.raises(SystemExit) as exc:  # argparse: one of --org/--email is required
+        run_cli("credits", "grant", "--amount", "5", ok=False)
+    assert exc.value.code == 2
+
+
+def test_audit_commands(run_cli, world, tmp_path):
+    world.org("acme", balance=5, admin=world.user("a@acme.test"))
+    tail = js(run_cli, "audit", "tail", "--org", "acme", "-n", "5")
+    assert [e["event_type"] for e in tail][-1] == "credits_granted"
+    assert js(run_cli, "audit", "verify", "--org", "acme")["ok"] is True
+    assert run_cli("audit", "verify", "--org", "acme")[1].startswith("ok: ")
+    out = tmp_path / "audit.ndjson"
+    run_cli("audit", "export", "--org", "acme", "--output", str(out))
+    assert len(out.read_text().splitlines()) == len(tail)
+    run_cli("audit", "export", "--org", "acme", "--format", "csv", "--output", str(tmp_path / "a.csv"))
+    assert (tmp_path / "a.csv").read_text().startswith("id,seq,")
+    assert js(run_cli, "audit", "retention", "--org", "acme", "--days", "30")["effective_days"] == 30
+    assert js(run_cli, "audit", "retention", "--org", "acme", "--days", "default")["effective_days"] == 365
+    purge = js(run_cli, "audit", "purge", "--as-of", "2100-01-01T00:00:00+00:00")
+    assert purge["deleted"] >= 1
+    assert js(run_cli, "audit", "verify", "--org", "acme")["ok"] is True
+
+
+def test_audit_verify_exits_3_when_broken(run_cli, world, conn):
+    world.org("acme", balance=5, admin=world.user("a@acme.test"))
+    with conn.transaction():
+        conn.execute("set local session_replication_role = replica")
+        conn.execute("alter table public.audit_logs disable trigger audit_logs_no_update")
+        conn.execute("update public.audit_logs set metadata = '{}' where seq = 1")
+        conn.execute("alter table public.audit_logs enable always trigger audit_logs_no_update")
+    code, out, _ = run_cli("audit", "verify", "--org", "acme", ok=False)
+    assert code == 3 and out.startswith("BROKEN at seq 1")
+
+
+def test_demo_is_idempotent_and_its_keys_work(run_cli, conn, client):
+    first = js(run_cli, "demo")
+    assert set(first) >= {"endpoint", "audit_url", "org_id", "org_slug", "keys"}
+    assert set(first["keys"]) == {"admin", "member", "viewer", "ci"}
+    before = conn.execute("select (select count(*) from public.api_keys) as k, (select count(*) from public.audit_logs)"
+                          " as a, (select credit_balance from public.orgs where slug='acme') as b").fetchone()
+    second = js(run_cli, "demo")
+    after = conn.execute("select (select count(*) from public.api_keys) as k, (select count(*) from public.audit_logs)"
+                         " as a, (select credit_balance from public.orgs where slug='acme') as b").fetchone()
+    assert second["keys"] == first["keys"] and before == after and after["b"] == 500
+    org = conn.execute("select plan from public.orgs where slug = 'acme'").fetchone()
+    assert org["plan"] == "team"
+    status = client.get("/billing/status", headers={"Authorization": f"Bearer {first['keys']['member']}"}).get_json()
+    assert status["tier"] == "team" and status["balance"] == 500
+    # Keys that no longer work are replaced by new ones on the next run.
+    conn.execute("update public.api_keys set revoked_at = now()")
+    third = js(run_cli, "demo")
+    assert third["keys"]["member"] != first["keys"]["member"]
+    assert client.get("/billing/status", headers={"Authorization": f"Bearer {third['keys']['ci']}"}).status_code == 200
+    text = run_cli("demo")[1]
+    assert "export UPSHIFT_CREDITS_ENDPOINT=" in text and "export UPSHIFT_ORG=acme" in text
+
+
+@pytest.mark.parametrize("argv", [["orgs", "--help"], ["members", "add", "--help"], ["keys", "create", "--help"],
+                                  ["credits", "grant", "--help"], ["audit", "verify", "--help"], ["demo", "--help"],
+                                  ["run", "--help"], ["bench", "--help"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: upshift-platform")
+
+
+def test_run_loads_demo_prints_paste_block_and_serves(db_url, tmp_path):
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": db_url, "UPSHIFT_PROJECT_DIR": str(tmp_path)}
+    env.pop("SUPABASE_JWT_SECRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "upshift_platform.cli", "run", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    assert json.loads(resp.read()) == {"status": "ok", "database": "ok"}
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("run did not serve /health")
+        keys = json.loads((tmp_path / ".data" / "demo-keys.json").read_text())
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/credits/consume", method="POST",
+                                     data=b'{"action": "explain", "count": 1}',
+                                     headers={"Authorization": f"Bearer {keys['member']}",
+                                              "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert json.loads(resp.read())["balance"] == 499
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert f"export UPSHIFT_CREDITS_ENDPOINT=http://127.0.0.1:{port}" in out
+    assert f"export UPSHIFT_AUDIT_URL=http://127.0.0.1:{port}/audit-events" in out
+    assert "export UPSHIFT_ORG=acme" in out
+    assert keys["member"] in out
+    # One JSON log line per request, never a key.
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    consume = next(line for line in lines if line["path"] == "/credits/consume")
+    assert consume["status"] == 200 and consume["actor_id"] and consume["org_id"] and consume["request_id"]
+    assert keys["member"] not in err

@@ -1,0 +1,375 @@
+"""Operator commands: orgs, members, keys, credits and audit, through service_role RPCs.
+
+Every command runs as ``service_role`` in one transaction, calling the same RPCs (and so keeping
+the same rules) as the API. Errors come back as the RPC's one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from .db import act_as, call, connect_kwargs
+
+SERVICE = {"role": "service_role"}
+
+
+@contextmanager
+def service_tx(url: str) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
+    with psycopg.connect(url, **connect_kwargs()) as conn, conn.transaction(), conn.cursor() as cur:
+        act_as(cur, "service_role", SERVICE)
+        yield cur
+
+
+def _url(args: argparse.Namespace) -> str:
+    from .cli import database_url
+
+    return database_url(args)
+
+
+def _emit(args: argparse.Namespace, data: Any, rows: list[dict[str, Any]] | None = None,
+          columns: tuple[str, ...] = ()) -> None:
+    from .cli import emit
+
+    emit(args, data, rows, columns)
+
+
+def _user(cur: psycopg.Cursor[Any], email: str, create: bool = False) -> str:
+    return str(call(cur, "admin_find_user", email=email, create_missing=create))
+
+
+def _account(cur: psycopg.Cursor[Any], args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(org, user_id) from --org / --email."""
+    if getattr(args, "org", None):
+        return args.org, None
+    return None, _user(cur, args.email)
+
+
+def _account_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--org", help="an org id or slug")
+    group.add_argument("--email", help="a user's email (their personal account)")
+
+
+# --- orgs ------------------------------------------------------------------------------------
+
+
+def orgs_create(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        admin = _user(cur, args.admin_email, args.create_user) if args.admin_email else None
+        org = call(cur, "admin_create_org", name=args.name, slug=args.slug, plan=args.plan, admin_user_id=admin)
+    _emit(args, org)
+
+
+def orgs_list(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        rows = cur.execute(
+            "select o.id, o.slug, o.name, o.plan, o.credit_balance,"
+            " (select count(*) from public.org_members m where m.org_id = o.id) as members, o.created_at"
+            " from public.orgs o order by o.slug").fetchall()
+    _emit(args, rows, rows, ("slug", "name", "plan", "credit_balance", "members", "id"))
+
+
+def orgs_set_plan(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "admin_set_org_plan", org=args.org, plan=args.plan))
+
+
+# --- members ---------------------------------------------------------------------------------
+
+
+def members_add(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        user = _user(cur, args.email, args.create_user)
+        _emit(args, call(cur, "admin_add_member", org=args.org, user_id=user, role=args.role))
+
+
+def members_set_role(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        user = _user(cur, args.email)
+        _emit(args, call(cur, "admin_set_member_role", org=args.org, user_id=user, role=args.role))
+
+
+def members_remove(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        user = _user(cur, args.email)
+        _emit(args, call(cur, "admin_remove_member", org=args.org, user_id=user))
+
+
+def members_list(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        rows = cur.execute(
+            "select p.email, m.role, m.user_id, m.created_at from public.org_members m"
+            " join public.profiles p on p.id = m.user_id join public.orgs o on o.id = m.org_id"
+            " where o.id::text = %(org)s or o.slug = lower(%(org)s) order by m.created_at",
+            {"org": args.org}).fetchall()
+    _emit(args, rows, rows, ("email", "role", "user_id", "created_at"))
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def keys_create(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        user = _user(cur, args.email)
+        key = call(cur, "admin_create_api_key", user_id=user, name=args.name, kind=args.kind, org=args.org,
+                   expires_at=args.expires_at)
+    if args.json:
+        _emit(args, key)
+        return
+    print(f"created {key['kind']} key {key['id']} ({key['name']}); the secret is shown only now:", file=sys.stderr)
+    print(key["secret"])
+
+
+def keys_list(args: argparse.Namespace) -> None:
+    where, params = ["true"], {}
+    if args.org:
+        where.append("(o.id::text = %(org)s or o.slug = lower(%(org)s))")
+        params["org"] = args.org
+    if args.email:
+        where.append("lower(p.email) = lower(%(email)s)")
+        params["email"] = args.email
+    with service_tx(_url(args)) as cur:
+        rows = cur.execute(
+            "select k.id, k.kind, k.name, k.key_prefix as prefix, p.email as owner, o.slug as org, k.created_at,"
+            " k.last_used_at, k.expires_at, k.revoked_at from public.api_keys k"
+            " join public.profiles p on p.id = k.user_id"
+            f" left join public.orgs o on o.id = k.org_id where {' and '.join(where)} order by k.created_at",
+            params).fetchall()
+    _emit(args, rows, rows, ("id", "kind", "name", "prefix", "owner", "org", "last_used_at", "revoked_at"))
+
+
+def keys_revoke(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "admin_revoke_api_key", key_id=args.key_id))
+
+
+# --- credits ---------------------------------------------------------------------------------
+
+
+def credits_grant(args: argparse.Namespace) -> None:
+    key = args.idempotency_key or f"cli:{uuid.uuid4()}"
+    with service_tx(_url(args)) as cur:
+        org, user = _account(cur, args)
+        out = call(cur, "grant_credits", amount=args.amount, reason=args.reason, org=org, user_id=user,
+                   idempotency_key=key, metadata={"via": "upshift-platform", "note": args.note} if args.note
+                   else {"via": "upshift-platform"})
+    _emit(args, {**out, "idempotency_key": key})
+
+
+def credits_balance(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        org, user = _account(cur, args)
+        if org:
+            row = cur.execute("select o.slug as account, o.plan, o.credit_balance as balance from public.orgs o"
+                              " where o.id::text = %(o)s or o.slug = lower(%(o)s)", {"o": org}).fetchone()
+        else:
+            row = cur.execute("select p.email as account, p.plan, p.credit_balance as balance from public.profiles p"
+                              " where p.id = %s", (user,)).fetchone()
+    if row is None:
+        raise psycopg.errors.RaiseException(f"no such org {org}")
+    _emit(args, row)
+
+
+def credits_history(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        org, user = _account(cur, args)
+        cond = ("t.org_id = (select o.id from public.orgs o where o.id::text = %(o)s or o.slug = lower(%(o)s))"
+                if org else "t.org_id is null and t.user_id = %(u)s")
+        rows = cur.execute(
+            "select t.created_at, t.amount, t.balance_after, t.reason, t.user_id, t.service_key_id,"
+            f" t.idempotency_key, t.id from public.credit_transactions t where {cond}"
+            " order by t.created_at desc, t.id desc limit %(n)s", {"o": org, "u": user, "n": args.limit}).fetchall()
+    _emit(args, rows, rows, ("created_at", "amount", "balance_after", "reason", "idempotency_key"))
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+AUDIT_SELECT = ("select l.id, l.seq, l.created_at, l.event_type, l.actor_kind, l.user_id, l.service_key_id,"
+                " l.resource_type, l.resource_id, l.metadata, host(l.ip) as ip, l.user_agent, l.client_timestamp,"
+                " l.org_id, l.scope_id from public.audit_logs l")
+
+
+def _scope(cur: psycopg.Cursor[Any], args: argparse.Namespace) -> str:
+    org, user = _account(cur, args)
+    if org:
+        row = cur.execute("select id from public.orgs o where o.id::text = %(o)s or o.slug = lower(%(o)s)",
+                          {"o": org}).fetchone()
+        if row is None:
+            raise psycopg.errors.RaiseException(f"no such org {org}")
+        return str(row["id"])
+    return str(user)
+
+
+def audit_tail(args: argparse.Namespace) -> None:
+    url = _url(args)
+    with service_tx(url) as cur:
+        scope = _scope(cur, args)
+        rows = cur.execute(f"{AUDIT_SELECT} where l.scope_id = %s order by l.seq desc limit %s",
+                           (scope, args.n)).fetchall()[::-1]
+    columns = ("seq", "created_at", "event_type", "actor_kind", "resource_type", "resource_id")
+    _emit(args, rows, rows, columns)
+    last = rows[-1]["seq"] if rows else 0
+    while args.follow:
+        time.sleep(2)
+        with service_tx(url) as cur:
+            new = cur.execute(f"{AUDIT_SELECT} where l.scope_id = %s and l.seq > %s order by l.seq",
+                              (scope, last)).fetchall()
+        for row in new:
+            print(json.dumps(row, default=str) if args.json else
+                  "  ".join(str(row[c]) for c in columns), flush=True)
+            last = row["seq"]
+
+
+def audit_export(args: argparse.Namespace) -> None:
+    import csv
+
+    url = _url(args)
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    count = 0
+    try:
+        with psycopg.connect(url, **connect_kwargs()) as conn, conn.transaction():
+            with conn.cursor() as cur:
+                act_as(cur, "service_role", SERVICE)
+                scope = _scope(cur, args)
+            with conn.cursor(name="audit_export") as named:
+                named.itersize = 2000
+                named.execute(f"{AUDIT_SELECT} where l.scope_id = %s order by l.seq", (scope,))
+                writer = None
+                for row in named:
+                    if args.format == "csv":
+                        if writer is None:
+                            writer = csv.writer(out)
+                            writer.writerow(list(row))
+                        writer.writerow([json.dumps(v) if isinstance(v, dict) else ("" if v is None else v)
+                                         for v in row.values()])
+                    else:
+                        out.write(json.dumps(row, default=str, separators=(",", ":")) + "\n")
+                    count += 1
+                    if count % 10000 == 0:
+                        print(f"[export] {count} rows", file=sys.stderr, flush=True)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"[export] {count} rows written{' to ' + args.output if args.output else ''}", file=sys.stderr)
+
+
+def audit_verify(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        org, user = _account(cur, args)
+        result = call(cur, "admin_verify_audit_log", org=org, user_id=user)
+    if args.json:
+        _emit(args, result)
+    elif result["ok"]:
+        print(f"ok: {result['checked']} events verified (head seq {result['head_seq']}, hash {result['head_hash']})")
+    else:
+        print(f"BROKEN at seq {result['first_bad_seq']}: {result['message']}")
+    if not result["ok"]:
+        raise SystemExit(3)
+
+
+def audit_purge(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        result = call(cur, "purge_audit_logs", as_of=args.as_of or datetime.now().astimezone())
+    _emit(args, result)
+
+
+def audit_retention(args: argparse.Namespace) -> None:
+    days = None if args.days == "default" else int(args.days)
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "admin_set_audit_retention", org=args.org, days=days))
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def add_commands(sub: Any, add: Any, db_target: Any) -> None:
+    def group(name: str, help_: str) -> Any:
+        p = sub.add_parser(name, help=help_, description=help_)
+        return p.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+    def cmd(g: Any, name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        p = add(g, name, fn, help_)
+        db_target(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    g = group("orgs", "orgs: create, list, set-plan")
+    p = cmd(g, "create", orgs_create, "create an org")
+    p.add_argument("--name", required=True)
+    p.add_argument("--slug", required=True)
+    p.add_argument("--plan", choices=["pro", "team"], default="pro")
+    p.add_argument("--admin-email", help="make this user its first admin")
+    p.add_argument("--create-user", action="store_true", help="create the admin's auth.users row if missing")
+    cmd(g, "list", orgs_list, "list every org")
+    p = cmd(g, "set-plan", orgs_set_plan, "set an org's plan by hand (Stripe does it otherwise)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--plan", choices=["pro", "team"], required=True)
+
+    g = group("members", "org members: add, set-role, remove, list")
+    p = cmd(g, "add", members_add, "add a user to an org (or set their role)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--role", choices=["admin", "member", "viewer"], default="member")
+    p.add_argument("--create-user", action="store_true", help="create the auth.users row if missing")
+    p = cmd(g, "set-role", members_set_role, "change a member's role (never the last admin)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--role", choices=["admin", "member", "viewer"], required=True)
+    p = cmd(g, "remove", members_remove, "remove a member (never the last admin)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--email", required=True)
+    p = cmd(g, "list", members_list, "list an org's members")
+    p.add_argument("--org", required=True)
+
+    g = group("keys", "API keys: create, list, revoke")
+    p = cmd(g, "create", keys_create, "create an API key for a user; prints the secret once")
+    p.add_argument("--email", required=True, help="the key's owner")
+    p.add_argument("--org", help="personal: default org; service: the org it acts for")
+    p.add_argument("--kind", choices=["personal", "service"], default="personal")
+    p.add_argument("--name", default="cli")
+    p.add_argument("--expires-at", help="ISO 8601 timestamp")
+    p = cmd(g, "list", keys_list, "list keys (never secrets)")
+    p.add_argument("--org")
+    p.add_argument("--email")
+    p = cmd(g, "revoke", keys_revoke, "revoke a key at once")
+    p.add_argument("key_id", type=uuid.UUID)
+
+    g = group("credits", "credits: grant, balance, history")
+    p = cmd(g, "grant", credits_grant, "grant credits to an org or a user")
+    _account_args(p)
+    p.add_argument("--amount", type=int, required=True)
+    p.add_argument("--reason", default="admin_grant")
+    p.add_argument("--note")
+    p.add_argument("--idempotency-key", help="repeat a grant safely (default: a new one each time)")
+    p = cmd(g, "balance", credits_balance, "an account's balance")
+    _account_args(p)
+    p = cmd(g, "history", credits_history, "an account's ledger, newest first")
+    _account_args(p)
+    p.add_argument("--limit", type=int, default=20)
+
+    g = group("audit", "audit logs: tail, export, verify, purge, retention")
+    p = cmd(g, "tail", audit_tail, "the latest events of an org or a user")
+    _account_args(p)
+    p.add_argument("-n", type=int, default=20)
+    p.add_argument("--follow", action="store_true", help="keep printing new events")
+    p = cmd(g, "export", audit_export, "export every event (streamed)")
+    _account_args(p)
+    p.add_argument("--format", choices=["ndjson", "csv"], default="ndjson")
+    p.add_argument("--output", help="file (default: stdout)")
+    p = cmd(g, "verify", audit_verify, "recompute the hash chain (exit 3 when broken)")
+    _account_args(p)
+    p = cmd(g, "purge", audit_purge, "delete events past each scope's retention (keeps a checkpoint)")
+    p.add_argument("--as-of", type=datetime.fromisoformat, help="purge as if it were this time (default now)")
+    p = cmd(g, "retention", audit_retention, "set an org's audit retention")
+    p.add_argument("--org", required=True)
+    p.add_argument("--days", required=True, help="days, or 'default' for the plan's")
