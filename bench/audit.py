@@ -67,11 +67,11 @@ def timed_queries(url: str, admin: str, org: str, runs: int) -> list[dict[str, o
         for label, filt in (("unfiltered", ""), ("event_type=fix", "and l.event_type = any(%(types)s)")):
             base = {"scope": org, "types": ["fix"]}
             # The cursor of row 10,000 of this filter (shallower when --events leaves an org fewer rows).
-            depth = min(10000, len(page(filt, {**base, "limit": 10100})) - 100)
-            cursor = page(filt, {**base, "limit": depth})[-1]
+            deep = min(10000, len(page(filt, {**base, "limit": 10100})) - 100)
+            cursor = page(filt, {**base, "limit": deep})[-1]
             for depth, where, params in (
                 ("first page", filt, {**base, "limit": 100}),
-                (f"{depth:,} deep", f"{filt} and (l.created_at, l.id) < (%(ts)s, %(id)s)",
+                (f"{deep:,} deep", f"{filt} and (l.created_at, l.id) < (%(ts)s, %(id)s)",
                  {**base, "limit": 100, "ts": cursor["created_at"], "id": cursor["id"]}),
             ):
                 times = []
