@@ -1,0 +1,67 @@
+"""Fit with the Supabase CLI and Cloud Run functions: seed, config, deployable targets."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import functions_framework
+import pytest
+
+from upshift_platform.paths import project_root
+
+ROOT = project_root()
+
+
+def test_seed_applies_twice_and_creates_the_demo_org(conn):
+    sql = (ROOT / "supabase" / "seed.sql").read_text()
+    conn.execute(sql)
+    conn.execute(sql)
+    org = conn.execute("select plan, credit_balance from public.orgs where slug = 'acme'").fetchone()
+    assert org == {"plan": "team", "credit_balance": 500}
+    roles = {r["email"]: r["role"] for r in conn.execute(
+        "select p.email, m.role from public.org_members m join public.profiles p on p.id = m.user_id")}
+    assert roles == {"admin@acme.test": "admin", "member@acme.test": "member", "viewer@acme.test": "viewer"}
+    assert conn.execute("select * from public.ledger_mismatches()").fetchall() == []
+
+
+def test_supabase_config_points_at_the_seed_and_exposes_only_public():
+    config = tomllib.loads((ROOT / "supabase" / "config.toml").read_text())
+    assert config["db"]["seed"]["sql_paths"] == ["./seed.sql"]
+    assert config["api"]["schemas"] == ["public"]
+
+
+def test_migration_names_follow_supabase_cli_format():
+    names = sorted(p.name for p in (ROOT / "supabase" / "migrations").glob("*.sql"))
+    assert names and all(re.fullmatch(r"\d{14}_[a-z0-9_]+\.sql", n) for n in names)
+
+
+def test_requirements_txt_matches_pyproject():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert sorted(lines) == sorted(d.split(";")[0].split("  #")[0].strip() for d in deps)
+
+
+@pytest.mark.parametrize("target", ["billing", "stripe_webhook", "audit", "orgs"])
+def test_each_function_deploys_alone(target, db_url, monkeypatch):
+    """functions-framework loads each target from the root main.py, as Cloud Run functions would."""
+    import upshift_platform.app as app_module
+    from upshift_platform.settings import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("SUPABASE_JWT_SECRET", "x" * 40)
+    get_settings.cache_clear()
+    monkeypatch.setattr(app_module, "_platform", None)
+    try:
+        app = functions_framework.create_app(target, str(ROOT / "main.py"))
+        client = app.test_client()
+        health = client.get("/health")
+        assert health.status_code == 200 and health.get_json()["database"] == "ok"
+        other = {"billing": "/api/orgs", "orgs": "/credits/consume", "audit": "/billing/status",
+                 "stripe_webhook": "/api/me"}[target]
+        assert client.get(other).status_code in (404, 405)  # not this function's path
+    finally:
+        if app_module._platform is not None:
+            app_module._platform.close()
+        get_settings.cache_clear()
