@@ -11,9 +11,11 @@ import threading
 from typing import Any
 
 import flask
+from werkzeug.exceptions import HTTPException
 
 from .db import Database
-from .http import Router
+from .errors import ApiError
+from .http import Router, error_response
 from .settings import Settings, get_settings
 
 # Which function owns which paths (longest prefix first). Deployed, each function gets its own
@@ -98,4 +100,12 @@ def create_wsgi_app(plat: Platform | None = None) -> flask.Flask:
 
     app.add_url_rule("/", "root", dispatch, methods=methods)
     app.add_url_rule("/<path:path>", "all", dispatch, methods=methods)
+
+    def http_error(exc: HTTPException) -> flask.Response:
+        # Paths Flask's router cannot even match (a newline in them, say) are still JSON errors.
+        code = exc.code or 500
+        return error_response(ApiError(code, (exc.name or "error").lower().replace(" ", "_"),
+                                       exc.description or exc.name or "Error."))
+
+    app.register_error_handler(HTTPException, http_error)
     return app

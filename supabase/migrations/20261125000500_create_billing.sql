@@ -30,6 +30,8 @@ create table public.stripe_payments (
   granted_at timestamptz,
   amount_refunded bigint not null default 0,
   disputed boolean not null default false,
+  dispute_id text,
+  dispute_closed boolean not null default false,
   credits_reversed bigint not null default 0,
   updated_at timestamptz not null default now(),
   constraint stripe_payments_checkout_session_key unique (checkout_session),
@@ -309,6 +311,16 @@ begin
 end
 $$;
 
+-- Stripe often sends several events for one subscription within the same second; on a tie the
+-- status later in the lifecycle wins, so delivery order cannot matter.
+create function private.subscription_rank(p_status text) returns integer
+language sql immutable
+set search_path = ''
+as $$
+  select case p_status when 'incomplete' then 0 when 'trialing' then 1 when 'active' then 2 when 'paused' then 3
+    when 'past_due' then 4 when 'unpaid' then 5 else 6 end  -- canceled, incomplete_expired: final
+$$;
+
 create function private.stripe_subscription(o jsonb, p_created timestamptz, p_deleted boolean, p_config jsonb)
 returns text
 language plpgsql volatile security definer
@@ -326,7 +338,9 @@ declare
 begin
   select * into v_prev from public.subscriptions s where s.id = o ->> 'id' for update;
   if v_prev.id is not null then
-    if p_created < v_prev.last_event_at or (p_created = v_prev.last_event_at and v_prev.status = 'canceled') then
+    if p_created < v_prev.last_event_at or v_prev.status in ('canceled', 'incomplete_expired')
+       or (p_created = v_prev.last_event_at
+           and private.subscription_rank(v_status) < private.subscription_rank(v_prev.status)) then
       return 'stale_ignored';
     end if;
   end if;
@@ -391,6 +405,30 @@ begin
     'stripe_invoice', o ->> 'id', jsonb_build_object('credits', v_credits, 'tier', v_tier, 'subscription', v_sub_id,
       'billing_reason', o ->> 'billing_reason', 'amount_paid', o -> 'amount_paid'));
   return 'plan_credits_granted';
+end
+$$;
+
+create function private.stripe_dispute(p_key text, p_dispute_id text, p_closed boolean, p_won boolean) returns text
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v public.stripe_payments;
+begin
+  if p_key is null then
+    return 'no_payment_intent';
+  end if;
+  insert into public.stripe_payments (payment_key) values (p_key) on conflict (payment_key) do nothing;
+  select * into v from public.stripe_payments s where s.payment_key = p_key for update;
+  -- A closed dispute stays closed: its "created" event arriving late changes nothing.
+  if v.dispute_id is not distinct from p_dispute_id and v.dispute_closed and not p_closed then
+    return 'dispute_already_closed';
+  end if;
+  update public.stripe_payments s set dispute_id = p_dispute_id, dispute_closed = p_closed,
+    disputed = not (p_closed and p_won), updated_at = now()
+  where s.payment_key = p_key;
+  return private.stripe_payment_update(p_key, null, null, null,
+                                       case when p_closed then 'dispute_closed' else 'dispute' end);
 end
 $$;
 
@@ -461,9 +499,9 @@ begin
       private.stripe_payment_update(o ->> 'payment_intent', (o ->> 'amount')::bigint,
                                     (o ->> 'amount_refunded')::bigint, null, 'refund')
     when v_type = 'charge.dispute.created' then
-      private.stripe_payment_update(o ->> 'payment_intent', null, null, true, 'dispute')
+      private.stripe_dispute(o ->> 'payment_intent', o ->> 'id', false, false)
     when v_type = 'charge.dispute.closed' then
-      private.stripe_payment_update(o ->> 'payment_intent', null, null, o ->> 'status' <> 'won', 'dispute_closed')
+      private.stripe_dispute(o ->> 'payment_intent', o ->> 'id', true, o ->> 'status' = 'won')
     else 'ignored'
   end;
   update public.stripe_events e set outcome = v_outcome where e.id = v_id;
@@ -477,7 +515,8 @@ comment on function public.stripe_apply_event(jsonb, jsonb) is
 revoke all on function private.stripe_account(jsonb, text), private.take_back_credits(uuid, uuid, bigint, text, jsonb),
   private.reconcile_payment(text, text), private.apply_plan(uuid, uuid), private.stripe_payment_paid(jsonb, jsonb),
   private.stripe_subscription(jsonb, timestamptz, boolean, jsonb), private.stripe_invoice_paid(jsonb, jsonb),
-  private.stripe_payment_update(text, bigint, bigint, boolean, text) from public;
+  private.stripe_payment_update(text, bigint, bigint, boolean, text), private.subscription_rank(text),
+  private.stripe_dispute(text, text, boolean, boolean) from public;
 revoke all on function public.begin_checkout(text, text), public.set_stripe_customer(text, uuid, text),
   public.stripe_apply_event(jsonb, jsonb) from public, anon;
 grant execute on function public.begin_checkout(text, text) to authenticated;

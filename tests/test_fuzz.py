@@ -1,0 +1,83 @@
+"""Fuzzing with schemathesis against /openapi.json, in-process over WSGI, with a real database.
+
+Checks: no 5xx, every status and content type is documented, every JSON body matches its
+documented schema, and every error is JSON with an `error` code. (Driven through
+``operation.as_strategy()`` with hypothesis directly: schemathesis' pytest plugin does not run
+under pytest 9.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import checks
+
+from tests import stripe_fakes as sf
+from tests.conftest import TEST_JWT_SECRET
+from upshift_platform.app import Platform, create_wsgi_app
+from upshift_platform.settings import Settings, StripeSettings
+
+MAX_EXAMPLES = int(os.environ.get("UPSHIFT_FUZZ_EXAMPLES", "25"))
+CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+          checks.response_schema_conformance]
+
+
+def errors_are_json_with_code(response) -> None:
+    if response.status_code >= 400:
+        body = response.json()
+        assert isinstance(body, dict), f"error body is not an object: {body!r}"
+        assert isinstance(body.get("error"), str) and body["error"], f"no error code: {body!r}"
+        assert isinstance(body.get("message"), str), f"no message: {body!r}"
+
+
+@pytest.fixture(scope="module")
+def standin():
+    server = sf.StripeStandIn()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def api(db_url, world, standin):
+    admin = world.user("fuzz-admin@acme.test")
+    org = world.org("acme", plan="team", balance=1000, admin=admin)
+    key = world.key(admin, org=org)["secret"]
+    stripe_cfg = StripeSettings(secret_key=sf.SECRET_KEY, webhook_secret=sf.WEBHOOK_SECRET, prices=dict(sf.PRICES),
+                                api_base=standin.url)
+    plat = Platform(Settings(database_url=db_url, jwt_secret=TEST_JWT_SECRET, pool_max=4,
+                             public_base_url="https://upshift.example", stripe=stripe_cfg))
+    app = create_wsgi_app(plat)
+    yield schemathesis.openapi.from_wsgi("/openapi.json", app), {"Authorization": f"Bearer {key}"}
+    plat.close()
+
+
+def operations():
+    from upshift_platform.app import build_routers
+
+    seen = set()
+    for router in build_routers().values():
+        for route in router.routes:
+            if (route.method, route.pattern) not in seen:
+                seen.add((route.method, route.pattern))
+                yield pytest.param(route.method, route.pattern, id=f"{route.method} {route.pattern}")
+
+
+@pytest.mark.parametrize(("method", "path"), list(operations()))
+def test_fuzz(api, method, path):
+    schema, headers = api
+    operation = schema[path][method]
+    calls = []
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def run(case):
+        response = case.call_and_validate(headers=headers, checks=CHECKS)
+        errors_are_json_with_code(response)
+        calls.append(response.status_code)
+
+    run()
+    assert calls
