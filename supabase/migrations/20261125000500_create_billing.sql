@@ -336,6 +336,8 @@ declare
   v_end timestamptz := to_timestamp(coalesce(o #>> '{items,data,0,current_period_end}',
                                              o ->> 'current_period_end')::double precision);
 begin
+  -- One event per subscription at a time: the first two deliveries cannot both miss the row.
+  perform pg_advisory_xact_lock(hashtextextended('stripe-subscription:' || (o ->> 'id'), 0));
   select * into v_prev from public.subscriptions s where s.id = o ->> 'id' for update;
   if v_prev.id is not null then
     if p_created < v_prev.last_event_at or v_prev.status in ('canceled', 'incomplete_expired')
@@ -446,7 +448,7 @@ begin
   insert into public.stripe_payments as s (payment_key, amount, amount_refunded, disputed)
   values (p_key, p_amount, coalesce(p_refunded, 0), coalesce(p_disputed, false))
   on conflict (payment_key) do update set
-    amount = coalesce(s.amount, excluded.amount),
+    amount = coalesce(excluded.amount, s.amount),  -- the charge's amount is what refunds are measured against
     amount_refunded = greatest(s.amount_refunded, coalesce(p_refunded, 0)),
     disputed = coalesce(p_disputed, s.disputed),
     updated_at = now();
