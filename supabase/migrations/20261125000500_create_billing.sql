@@ -168,6 +168,23 @@ begin
 end
 $$;
 
+-- Lock order for every Stripe path: an advisory lock on the Stripe object, then the account row
+-- (FOR UPDATE), then the rows that reference it. Taking the account row first matters: inserting a
+-- row whose foreign key points at it takes a KEY SHARE lock, and upgrading that later to FOR
+-- UPDATE while another transaction queues for the same row is a deadlock.
+create function private.lock_account(p_org uuid, p_user uuid) returns void
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+begin
+  if p_org is not null then
+    perform 1 from public.orgs o where o.id = p_org for update;
+  elsif p_user is not null then
+    perform 1 from public.profiles p where p.id = p_user for update;
+  end if;
+end
+$$;
+
 create function private.take_back_credits(p_org uuid, p_user uuid, p_amount bigint, p_key text, p_meta jsonb)
 returns bigint
 language plpgsql volatile security definer
@@ -279,10 +296,12 @@ declare
   v_credits bigint;
   v_pay public.stripe_payments;
 begin
+  perform pg_advisory_xact_lock(hashtextextended('stripe-payment:' || v_key, 0));
   select * into v_acc from private.stripe_account(v_meta, o ->> 'customer');
   if v_acc.org_id is null and v_acc.user_id is null then
     raise exception 'checkout session % names no known account', o ->> 'id';
   end if;
+  perform private.lock_account(v_acc.org_id, v_acc.user_id);
   v_credits := coalesce(nullif(v_meta ->> 'credits', '')::bigint, (p_config -> 'pack_credits' ->> (v_meta ->> 'pack'))::bigint);
   if v_credits is null or v_credits <= 0 then
     raise exception 'checkout session % has no credit amount', o ->> 'id';
@@ -358,6 +377,7 @@ begin
   if (v_tier = 'team') <> (v_acc.org_id is not null) then
     raise exception 'subscription %: tier % does not fit the account', o ->> 'id', v_tier;
   end if;
+  perform private.lock_account(v_acc.org_id, case when v_acc.org_id is null then v_acc.user_id end);
   insert into public.subscriptions as s (id, org_id, user_id, tier, status, customer, current_period_end, last_event_at)
   values (o ->> 'id', v_acc.org_id, case when v_acc.org_id is null then v_acc.user_id end, v_tier, v_status,
           o ->> 'customer', v_end, p_created)
@@ -420,6 +440,8 @@ begin
   if p_key is null then
     return 'no_payment_intent';
   end if;
+  perform pg_advisory_xact_lock(hashtextextended('stripe-payment:' || p_key, 0));
+  perform private.lock_account(s.org_id, s.user_id) from public.stripe_payments s where s.payment_key = p_key;
   insert into public.stripe_payments (payment_key) values (p_key) on conflict (payment_key) do nothing;
   select * into v from public.stripe_payments s where s.payment_key = p_key for update;
   -- A closed dispute stays closed: its "created" event arriving late changes nothing.
@@ -445,6 +467,8 @@ begin
   if p_key is null then
     return 'no_payment_intent';
   end if;
+  perform pg_advisory_xact_lock(hashtextextended('stripe-payment:' || p_key, 0));
+  perform private.lock_account(s.org_id, s.user_id) from public.stripe_payments s where s.payment_key = p_key;
   insert into public.stripe_payments as s (payment_key, amount, amount_refunded, disputed)
   values (p_key, p_amount, coalesce(p_refunded, 0), coalesce(p_disputed, false))
   on conflict (payment_key) do update set
@@ -518,7 +542,7 @@ revoke all on function private.stripe_account(jsonb, text), private.take_back_cr
   private.reconcile_payment(text, text), private.apply_plan(uuid, uuid), private.stripe_payment_paid(jsonb, jsonb),
   private.stripe_subscription(jsonb, timestamptz, boolean, jsonb), private.stripe_invoice_paid(jsonb, jsonb),
   private.stripe_payment_update(text, bigint, bigint, boolean, text), private.subscription_rank(text),
-  private.stripe_dispute(text, text, boolean, boolean) from public;
+  private.stripe_dispute(text, text, boolean, boolean), private.lock_account(uuid, uuid) from public;
 revoke all on function public.begin_checkout(text, text), public.set_stripe_customer(text, uuid, text),
   public.stripe_apply_event(jsonb, jsonb) from public, anon;
 grant execute on function public.begin_checkout(text, text) to authenticated;
