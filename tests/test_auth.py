@@ -266,3 +266,47 @@ def test_no_asymmetric_tokens_without_jwks(db_url, user):
         assert resp.status_code == 401
     finally:
         plat.close()
+
+
+# --- token attacks against the money and audit endpoints -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attack", "status", "code"),
+    [
+        pytest.param("other_orgs_service_key", 403, "org_forbidden", id="another_orgs_service_key"),
+        pytest.param("other_orgs_personal_key", 403, "org_forbidden", id="another_orgs_personal_key"),
+        pytest.param("revoked_key", 401, "unauthenticated", id="revoked_key"),
+        pytest.param("expired_key", 401, "unauthenticated", id="expired_key"),
+        pytest.param("forged_service_claims", 401, "unauthenticated", id="jwt_forging_service_key_claims"),
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["consume", "audit"])
+def test_keys_cannot_reach_another_orgs_pool_or_log(client, world, conn, attack, status, code, endpoint):
+    acme_admin, other_admin = world.user("a@acme.test"), world.user("a@other.test")
+    acme = world.org("acme", balance=100, admin=acme_admin)
+    other = world.org("other", balance=100, admin=other_admin)
+    keys = {
+        "other_orgs_service_key": world.key(other_admin, kind="service", org=other)["secret"],
+        "other_orgs_personal_key": world.key(other_admin, org=other)["secret"],
+        "revoked_key": world.key(acme_admin, org=acme)["secret"],
+        "expired_key": world.key(acme_admin, org=acme)["secret"],
+        "forged_service_claims": jwt.encode({**claims("00000000-0000-4000-8000-000000000000"),
+                                             "upshift": {"key_id": "x", "kind": "service", "org_id": acme}},
+                                            "not-the-project-secret-0123456789abcdef", "HS256"),
+    }
+    conn.execute("update public.api_keys set revoked_at = now() where key_prefix = %s", (keys["revoked_key"][:12],))
+    conn.execute("update public.api_keys set expires_at = now() - interval '1 s' where key_prefix = %s",
+                 (keys["expired_key"][:12],))
+    before = conn.execute("select (select credit_balance from public.orgs where id = %s) as b,"
+                          " (select count(*) from public.audit_logs where org_id = %s) as a", (acme, acme)).fetchone()
+    if endpoint == "consume":
+        resp = client.post("/credits/consume", json={"action": "explain", "count": 1, "org_id": "acme"},
+                           headers=bearer(keys[attack]))
+    else:
+        resp = client.post("/audit-events", json={"event_type": "deploy", "resource_type": "app", "org_id": "acme"},
+                           headers=bearer(keys[attack]))
+    assert resp.status_code == status and resp.get_json()["error"] == code
+    after = conn.execute("select (select credit_balance from public.orgs where id = %s) as b,"
+                         " (select count(*) from public.audit_logs where org_id = %s) as a", (acme, acme)).fetchone()
+    assert after == before
