@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import uuid
 
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.common import fresh_database, machine, percentile, progress
+from bench.common import machine, percentile, progress, scratch_database
 
 SELECT = ("select l.id, l.seq, l.org_id, l.scope_id, l.actor_kind, l.user_id, l.service_key_id, l.event_type,"
           " l.resource_type, l.resource_id, l.metadata, host(l.ip) as ip, l.user_agent, l.client_timestamp,"
@@ -110,7 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    url = fresh_database(f"upshift_bench_audit_{uuid.uuid4().hex[:6]}")
+    with scratch_database("upshift_bench_audit") as url:
+        return _run(args, url)
+
+
+def _run(args: argparse.Namespace, url: str) -> dict[str, object]:
     admin, org = seed(url, args.events)
     progress(f"queries: {args.runs} runs each")
     queries = timed_queries(url, admin, org, args.runs)

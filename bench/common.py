@@ -7,7 +7,9 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -33,15 +35,20 @@ def server_url() -> str:
     return srv.url
 
 
-def fresh_database(name: str) -> str:
-    """Drop and recreate database ``name`` on the bench server, migrated; returns its URL."""
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new migrated database on the bench server, dropped afterwards; yields its URL."""
     base = server_url()
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
         admin.execute(f'create database "{name}"')
-    url = urlparse(base)._replace(path=f"/{name}").geturl()
-    migrate(url, log=lambda _m: None)
-    return url
+    try:
+        url = urlparse(base)._replace(path=f"/{name}").geturl()
+        migrate(url, log=lambda _m: None)
+        yield url
+    finally:
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{name}" with (force)')
 
 
 def machine(url: str) -> str:

@@ -20,11 +20,10 @@ import argparse
 import json
 import threading
 import time
-import uuid
 
 import psycopg
 
-from bench.common import fresh_database, machine, progress
+from bench.common import machine, progress, scratch_database
 
 N_ORGS = 1000
 BIG = 100_000_000  # grant_credits' maximum; far more than a run spends
@@ -109,8 +108,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    with scratch_database("upshift_bench_debit") as url:
+        return _run(args, url)
+
+
+def _run(args: argparse.Namespace, url: str) -> list[dict]:
     client_counts = [int(c) for c in args.clients.split(",")]
-    url = fresh_database(f"upshift_bench_debit_{uuid.uuid4().hex[:6]}")
     progress(f"seeding {N_ORGS} orgs and {max(client_counts)} users")
     users, orgs = setup(url, max(client_counts))
     results = []

@@ -20,11 +20,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import psycopg
 
-from bench.common import fresh_database, machine, percentile, progress
+from bench.common import machine, percentile, progress, scratch_database
 from upshift_platform.embedded import free_port
 
 BODY = json.dumps({"action": "explain", "count": 1})
@@ -103,7 +102,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (default 4)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    url = fresh_database(f"upshift_bench_http_{uuid.uuid4().hex[:6]}")
+    with scratch_database("upshift_bench_http") as url:
+        return _run(args, url)
+
+
+def _run(args: argparse.Namespace, url: str) -> list[dict[str, float]]:
     key = setup(url)
     proc, port = start_server(url, args.workers)
     results = []

@@ -17,13 +17,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
 
 from bench import debit, http
-from bench.common import fresh_database, machine, progress
+from bench.common import machine, progress, scratch_database
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -132,10 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
-    url = fresh_database(f"upshift_bench_profile_{uuid.uuid4().hex[:6]}")
-    print(f"machine: {machine(url)}")
-    progress("debit_credits, hot org, 32 clients: sampling wait events")
-    counts, samples, funcs = wait_profile(url, args.seconds)
+    with scratch_database("upshift_bench_profile") as url:
+        print(f"machine: {machine(url)}")
+        progress("debit_credits, hot org, 32 clients: sampling wait events")
+        counts, samples, funcs = wait_profile(url, args.seconds)
     total = sum(counts.values())
     print(f"\ndebit_credits, one hot org, 32 clients: what active backends were doing ({samples} samples)")
     for name, n in counts.most_common(8):
@@ -143,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     print("  server time per call, top plpgsql functions (self time):")
     for name, ms in funcs:
         print(f"    {name:<30} {ms:9.0f} us")
-    url2 = fresh_database(f"upshift_bench_profile_http_{uuid.uuid4().hex[:6]}")
-    progress("POST /credits/consume, 32 clients: CPU accounting")
-    h = http_profile(url2, args.seconds)
+    with scratch_database("upshift_bench_profile_http") as url2:
+        progress("POST /credits/consume, 32 clients: CPU accounting")
+        h = http_profile(url2, args.seconds)
     print(f"\nPOST /credits/consume, 32 clients: {h['rps']:.0f} req/s; CPU per request:")
     print(f"  load generator (Python client)   {h['client_ms']:.2f} ms")
     print(f"  gunicorn workers (our Python)    {h['gunicorn_ms']:.2f} ms")

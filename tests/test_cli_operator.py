@@ -183,3 +183,15 @@ def test_run_loads_demo_prints_paste_block_and_serves(db_url, tmp_path):
     consume = next(line for line in lines if line["path"] == "/credits/consume")
     assert consume["status"] == 200 and consume["actor_id"] and consume["org_id"] and consume["request_id"]
     assert keys["member"] not in err
+
+
+def test_bench_quick_prints_one_summary_table(db_url, capsys, monkeypatch):
+    """`upshift-platform bench` against a real database (the audit part, quick: the rest is the same code path)."""
+    from urllib.parse import urlparse
+
+    monkeypatch.setenv("DATABASE_URL", urlparse(db_url)._replace(path="/postgres").geturl())
+    assert cli.main(["bench", "--quick", "--only", "audit"]) == 0
+    out = capsys.readouterr().out
+    assert "upshift platform benchmarks; " in out and "PostgreSQL" in out
+    assert "audit query p50 / p99 ms, first page, unfiltered" in out
+    assert "audit ingest events/s, 100 per transaction" in out
