@@ -35,6 +35,21 @@ end
 $$;
 comment on function private.find_org(text) is 'An org by id or slug (no access check).';
 
+create function private.require_org(p_org text) returns uuid
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v uuid := private.find_org(p_org);
+begin
+  if v is null then
+    perform private.err(404, 'org_not_found', format('No org %s.', p_org), jsonb_build_object('org', p_org));
+  end if;
+  return v;
+end
+$$;
+comment on function private.require_org(text) is 'An org by id or slug, or PT404 (operator paths: no access check).';
+
 create table public.api_keys (
   id uuid primary key default gen_random_uuid(),
   user_id uuid not null references auth.users (id) on delete cascade,
@@ -181,7 +196,7 @@ begin
 end
 $$;
 
-revoke all on function private.err(integer, text, text, jsonb), private.find_org(text),
+revoke all on function private.err(integer, text, text, jsonb), private.find_org(text), private.require_org(text),
   private.service_key(), private.actor_org_role(uuid), private.org_for(text, text[]),
   private.require_user(), private.new_secret(text), private.sha256_hex(text),
   private.org_json(uuid, text), private.check_role(text) from public;
@@ -401,13 +416,10 @@ language plpgsql security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.find_org(admin_add_member.org);
+  v_org uuid := private.require_org(admin_add_member.org);
   v_role text := private.check_role(admin_add_member.role);
   v_old text;
 begin
-  if v_org is null then
-    perform private.err(404, 'org_not_found', format('No org %s.', admin_add_member.org));
-  end if;
   if not exists (select 1 from auth.users u where u.id = admin_add_member.user_id) then
     perform private.err(404, 'user_not_found', 'No such user.');
   end if;
@@ -626,10 +638,7 @@ declare
   v_org uuid;
 begin
   if admin_create_api_key.org is not null then
-    v_org := private.find_org(admin_create_api_key.org);
-    if v_org is null then
-      perform private.err(404, 'org_not_found', format('No org %s.', admin_create_api_key.org));
-    end if;
+    v_org := private.require_org(admin_create_api_key.org);
   end if;
   if not exists (select 1 from auth.users u where u.id = admin_create_api_key.user_id) then
     perform private.err(404, 'user_not_found', 'No such user.');

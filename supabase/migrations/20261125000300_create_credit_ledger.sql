@@ -254,10 +254,7 @@ begin
     perform private.err(400, 'invalid_account', 'Give exactly one of org and user_id.', '{"field": "org"}');
   end if;
   if grant_credits.org is not null then
-    v_org := private.find_org(grant_credits.org);
-    if v_org is null then
-      perform private.err(404, 'org_not_found', format('No org %s.', grant_credits.org));
-    end if;
+    v_org := private.require_org(grant_credits.org);
   elsif not exists (select 1 from public.profiles p where p.id = grant_credits.user_id) then
     perform private.err(404, 'user_not_found', 'No such user.');
   end if;

@@ -310,10 +310,8 @@ begin
   if (admin_verify_audit_log.org is null) = (admin_verify_audit_log.user_id is null) then
     perform private.err(400, 'invalid_account', 'Give exactly one of org and user_id.');
   end if;
-  v_scope := coalesce(private.find_org(admin_verify_audit_log.org), admin_verify_audit_log.user_id);
-  if v_scope is null then
-    perform private.err(404, 'org_not_found', format('No org %s.', admin_verify_audit_log.org));
-  end if;
+  v_scope := case when admin_verify_audit_log.org is not null then private.require_org(admin_verify_audit_log.org)
+                  else admin_verify_audit_log.user_id end;
   return private.verify_audit_scope(v_scope);
 end
 $$;
@@ -352,11 +350,8 @@ language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.find_org(admin_set_audit_retention.org);
+  v_org uuid := private.require_org(admin_set_audit_retention.org);
 begin
-  if v_org is null then
-    perform private.err(404, 'org_not_found', format('No org %s.', admin_set_audit_retention.org));
-  end if;
   if admin_set_audit_retention.days is not null and admin_set_audit_retention.days not between 1 and 3650 then
     perform private.err(400, 'invalid_days', 'days is 1-3650, or null for the plan default.', '{"field": "days"}');
   end if;

@@ -60,11 +60,8 @@ language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.find_org(admin_set_member_role.org);
+  v_org uuid := private.require_org(admin_set_member_role.org);
 begin
-  if v_org is null then
-    perform private.err(404, 'org_not_found', format('No org %s.', admin_set_member_role.org));
-  end if;
   return private.change_member_role(v_org, admin_set_member_role.user_id, admin_set_member_role.role, 'operator');
 end
 $$;
@@ -74,11 +71,8 @@ language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.find_org(admin_remove_member.org);
+  v_org uuid := private.require_org(admin_remove_member.org);
 begin
-  if v_org is null then
-    perform private.err(404, 'org_not_found', format('No org %s.', admin_remove_member.org));
-  end if;
   return private.delete_member(v_org, admin_remove_member.user_id, 'operator');
 end
 $$;
@@ -107,12 +101,9 @@ language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.find_org(admin_set_org_plan.org);
+  v_org uuid := private.require_org(admin_set_org_plan.org);
   v_old text;
 begin
-  if v_org is null then
-    perform private.err(404, 'org_not_found', format('No org %s.', admin_set_org_plan.org));
-  end if;
   if admin_set_org_plan.plan not in ('pro', 'team') then
     perform private.err(400, 'invalid_plan', 'plan is pro or team.', '{"field": "plan"}');
   end if;

@@ -130,24 +130,34 @@ def _customer(ctx: Ctx, sc: Any, account: dict[str, Any]) -> str:
     return customer
 
 
+def _checkout(ctx: Ctx, *, kind: str, item: str, org: str | None, mode: str, price_setting: str) -> dict[str, Any]:
+    """One Checkout flow: configured price, who it is for (decided by begin_checkout), customer, session."""
+    settings = ctx.platform.settings
+    price = settings.stripe.prices.get(item)
+    if not price:
+        raise stripe_billing.not_configured(price_setting)
+    sc = stripe_billing.client(settings)
+    account = _begin(ctx, kind, org)
+    out: dict[str, Any] = {"account_kind": account["account_kind"], "account_id": account["account_id"]}
+    if mode == "payment":
+        multiplier = settings.bonus_multiplier if account["tier"] in ("pro", "team") else 1.0
+        out["credits"] = int(settings.stripe.pack_credits[item] * multiplier)
+        metadata = {"pack": item, "credits": str(out["credits"])}
+    else:
+        metadata = {"tier": item}
+    customer = _customer(ctx, sc, account)
+    checkout = stripe_billing.create_checkout(sc, settings, mode=mode, price=price, customer=customer,
+                                              account=account, metadata=metadata)
+    return {"url": checkout.url, "id": checkout.id, **out}
+
+
 @router.route("POST", "/billing/checkout/credits", body=CheckoutCredits, response=CheckoutResult,
               summary="A Stripe Checkout page for a credit pack (for the org context as its admin, else for you)",
               errors=(400, 401, 403, 502, 503))
 def checkout_credits(ctx: Ctx):  # type: ignore[no-untyped-def]
     body = ctx.body(CheckoutCredits)
-    settings = ctx.platform.settings
-    price = settings.stripe.prices.get(body.pack)
-    if not price:
-        raise stripe_billing.not_configured(f"STRIPE_PRICE_PACK_{body.pack.upper()}")
-    sc = stripe_billing.client(settings)
-    account = _begin(ctx, "credits", body.org_id)
-    multiplier = settings.bonus_multiplier if account["tier"] in ("pro", "team") else 1.0
-    credits = int(settings.stripe.pack_credits[body.pack] * multiplier)
-    customer = _customer(ctx, sc, account)
-    checkout = stripe_billing.create_checkout(sc, settings, mode="payment", price=price, customer=customer,
-                                              account=account, metadata={"pack": body.pack, "credits": str(credits)})
-    return {"url": checkout.url, "id": checkout.id, "account_kind": account["account_kind"],
-            "account_id": account["account_id"], "credits": credits}
+    return _checkout(ctx, kind="credits", item=body.pack, org=body.org_id, mode="payment",
+                     price_setting=f"STRIPE_PRICE_PACK_{body.pack.upper()}")
 
 
 @router.route("POST", "/billing/checkout/subscription", body=CheckoutSubscription, response=CheckoutResult,
@@ -155,17 +165,8 @@ def checkout_credits(ctx: Ctx):  # type: ignore[no-untyped-def]
               errors=(400, 401, 403, 409, 502, 503))
 def checkout_subscription(ctx: Ctx):  # type: ignore[no-untyped-def]
     body = ctx.body(CheckoutSubscription)
-    settings = ctx.platform.settings
-    price = settings.stripe.prices.get(body.tier)
-    if not price:
-        raise stripe_billing.not_configured(f"STRIPE_PRICE_{body.tier.upper()}")
-    sc = stripe_billing.client(settings)
-    account = _begin(ctx, body.tier, body.org_id)
-    customer = _customer(ctx, sc, account)
-    checkout = stripe_billing.create_checkout(sc, settings, mode="subscription", price=price, customer=customer,
-                                              account=account, metadata={"tier": body.tier})
-    return {"url": checkout.url, "id": checkout.id, "account_kind": account["account_kind"],
-            "account_id": account["account_id"]}
+    return _checkout(ctx, kind=body.tier, item=body.tier, org=body.org_id, mode="subscription",
+                     price_setting=f"STRIPE_PRICE_{body.tier.upper()}")
 
 
 _PAGE = ("<!doctype html><meta charset=utf-8><title>upshift</title>"
