@@ -26,29 +26,38 @@ def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def server_url() -> str:
-    """``DATABASE_URL``'s server, or an embedded one in .data/pg-bench (default durability)."""
+@contextmanager
+def bench_server() -> Iterator[str]:
+    """``DATABASE_URL``'s server, or an embedded one in .data/pg-bench (default durability),
+    stopped afterwards if this started it."""
     url = os.environ.get("DATABASE_URL")
     if url:
-        return url
-    srv = embedded.up(project_root() / ".data" / "pg-bench", embedded.free_port())
-    return srv.url
+        yield url
+        return
+    data_dir = project_root() / ".data" / "pg-bench"
+    already = embedded.running_url(data_dir)
+    srv = embedded.up(data_dir, embedded.free_port())
+    try:
+        yield srv.url
+    finally:
+        if already is None:
+            srv.stop()
 
 
 @contextmanager
 def scratch_database(prefix: str) -> Iterator[str]:
     """A new migrated database on the bench server, dropped afterwards; yields its URL."""
-    base = server_url()
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(f'create database "{name}"')
-    try:
-        url = urlparse(base)._replace(path=f"/{name}").geturl()
-        migrate(url, log=lambda _m: None)
-        yield url
-    finally:
+    with bench_server() as base:
         with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(f'drop database if exists "{name}" with (force)')
+            admin.execute(f'create database "{name}"')
+        try:
+            url = urlparse(base)._replace(path=f"/{name}").geturl()
+            migrate(url, log=lambda _m: None)
+            yield url
+        finally:
+            with psycopg.connect(base, autocommit=True) as admin:
+                admin.execute(f'drop database if exists "{name}" with (force)')
 
 
 def machine(url: str) -> str:

@@ -55,10 +55,11 @@ def main(argv: list[str] | None = None) -> None:
         machine = results["audit"]["machine"]
         print()
     if not machine:
+        from bench.common import bench_server
         from bench.common import machine as describe
-        from bench.common import server_url
 
-        machine = describe(server_url())
+        with bench_server() as url:
+            machine = describe(url)
     print(summary(machine, results))
 
 

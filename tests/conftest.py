@@ -47,7 +47,7 @@ def pg_server_url() -> Iterator[str]:
         yield srv.url
     finally:
         if already is None:
-            srv.stop()
+            srv.destroy()  # a throwaway cluster (fsync off): nothing in it is worth keeping
 
 
 @pytest.fixture(scope="session")

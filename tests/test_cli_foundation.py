@@ -49,6 +49,9 @@ def test_db_up_reuse_migrate_down(tmp_path):
         down = run(["db", "down", "--data-dir", str(data_dir)], env)
     assert "stopped" in down.stderr
     assert run(["db", "down", "--data-dir", str(data_dir)], env).stderr.strip().endswith("not running")
+    from upshift_platform import embedded
+
+    embedded.server(data_dir).destroy()  # as root the data went to /var/tmp/upshift-platform: clean it
 
 
 def test_db_reset_refuses_remote_target():

@@ -309,7 +309,7 @@ def test_postgres_killed_mid_load_recovers_consistent(tmp_path_factory):
             assert keys == ingest  # debit and its audit event committed together or not at all
             assert len(done) > 10
     finally:
-        srv.stop()
+        srv.destroy()
 
 
 # --- webhook chaos ---------------------------------------------------------------------------

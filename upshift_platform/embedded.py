@@ -115,7 +115,8 @@ def _copy_binaries_for(user: pwd.struct_passwd, bins: Binaries) -> Binaries:
     install = bins.bin_dir.parent
     if _reachable_by_others(install / "lib") and _reachable_by_others(bins.bin_dir):
         return bins
-    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    # Keyed by the server binary's content: every checkout of the same release shares one copy.
+    digest = hashlib.sha256((bins.bin_dir / "postgres").read_bytes()).hexdigest()[:12]
     target = ROOT_FALLBACK / f"pg-{digest}"
     if not (target / "bin" / "pg_ctl").exists():
         _say(f"{user.pw_name} cannot reach {install}; copying the server to {target}")
@@ -233,6 +234,12 @@ class Server:
         if done.returncode != 0:
             raise EmbeddedError(f"pg_ctl stop failed: {done.stderr.strip()}")
         return True
+
+
+    def destroy(self) -> None:
+        """Stop the server and delete its data directory (throwaway test and benchmark clusters)."""
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def _port_taken(port: int) -> bool:
