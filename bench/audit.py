@@ -30,8 +30,8 @@ EVENT = {"event_type": "upgrade", "resource_type": "package", "resource_id": "is
 
 
 def seed(url: str, total: int, n_orgs: int = 100) -> tuple[str, str]:
-    big = total // 10  # the measured org: deep pages exist for every filter
-    per_org = (total - big) // (n_orgs - 1)
+    per_org = (total - total // 10) // (n_orgs - 1)
+    big = total - per_org * (n_orgs - 1)  # the measured org, ~10%: deep pages exist for every filter
     with psycopg.connect(url, autocommit=True) as c:
         admin = c.execute("insert into auth.users (email) values ('audit-bench@example.test') returning id").fetchone()[0]
         orgs = [c.execute("select public.admin_create_org(%s, %s, 'team', %s) ->> 'id'",
