@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import flask
 import psycopg
@@ -23,6 +23,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .errors import ApiError, from_database
 
 log = logging.getLogger("upshift.request")
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 MAX_BODY_BYTES = 2 * 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -60,9 +61,6 @@ class Ctx:
             if name in args:
                 data[name] = args.getlist(name)
         return validate(model, data)
-
-
-BaseModelT = Any  # a pydantic model class; kept loose for the decorator's sake
 
 
 def validate(model: type[BaseModelT], data: dict[str, Any]) -> BaseModelT:
