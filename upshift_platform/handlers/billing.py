@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flask
+from psycopg.types.json import Jsonb
 
 from .. import cursor as keyset
 from .. import stripe_billing
@@ -55,10 +56,18 @@ def consume(ctx: Ctx):  # type: ignore[no-untyped-def]
                        field="count", price=price)
     key = idempotency_key(ctx, body.idempotency_key)
     with session(ctx) as (_actor, cur):
-        org = resolve(ctx, cur, explicit_org(ctx, body.org_id))
-        result = call(cur, "debit_credits", amount=body.count, reason=body.action,
-                      org=str(org["id"]) if org else None, idempotency_key=key,
-                      metadata={"action": body.action, "count": body.count})
+        # One statement: the request's org context (explicit, the key's, the default org, or none)
+        # feeds debit_credits, which checks the caller's role there itself.
+        row = cur.execute(
+            "select public.debit_credits(amount => %(amount)s, reason => %(reason)s,"
+            " org => public.resolve_org(%(org)s) ->> 'id', idempotency_key => %(key)s, metadata => %(meta)s)"
+            " as result",
+            {"amount": body.count, "reason": body.action, "org": explicit_org(ctx, body.org_id), "key": key,
+             "meta": Jsonb({"action": body.action, "count": body.count})},
+        ).fetchone()
+    result = row["result"] if row else {}
+    if result.get("org_id"):
+        ctx.org_id = str(result["org_id"])
     return {k: result[k] for k in ("balance", "source", "org_id", "org_slug", "transaction_id", "replayed")}
 
 
