@@ -1,10 +1,19 @@
 -- Supabase compatibility bootstrap for a plain PostgreSQL.
 --
 -- Creates what a Supabase project already has and our migrations rely on: the API roles,
--- schema auth with a minimal auth.users, and auth.uid() / auth.jwt() / auth.role() defined
--- as Supabase defines them. Every statement is conditional: on a real Supabase database (or a
--- second run) it changes nothing. The migration runner applies it before the migrations only
--- when auth.users does not exist yet.
+-- schema auth with a minimal auth.users, auth.uid() / auth.jwt() / auth.role() defined as
+-- Supabase defines them, and -- just as important -- the grants and default privileges a real
+-- project has (docs/security.md, ../shared/design/SUPABASE_PRIVILEGES.md). The local database
+-- must never be friendlier than production, so the migrations run against the permissive
+-- defaults below and have to close everything themselves.
+--
+-- Every statement is conditional: on a real Supabase database (or a second run) it changes
+-- nothing. The migration runner applies it before the migrations only when auth.users does not
+-- exist yet, with upshift.compat_privileges set to the profile to reproduce:
+--   legacy (default)  projects created before 2026-05-30: every new table, function and
+--                     sequence in public is granted to anon, authenticated and service_role;
+--   2026              projects created since: no automatic table grants; functions and
+--                     sequences still granted (Supabase does not promise otherwise).
 
 do $$
 begin
@@ -86,3 +95,26 @@ end
 $$;
 
 grant execute on function auth.uid(), auth.role(), auth.jwt() to anon, authenticated, service_role;
+
+-- Schema grants and default privileges, as a Supabase project has them for the role that runs
+-- the migrations (postgres there; whoever runs this here).
+grant usage on schema public to anon, authenticated, service_role;
+
+do $$
+declare
+  v_profile text := coalesce(nullif(current_setting('upshift.compat_privileges', true), ''), 'legacy');
+  v_me text := quote_ident(current_user);
+begin
+  if v_profile not in ('legacy', '2026') then
+    raise exception 'upshift.compat_privileges is legacy or 2026, not %', v_profile;
+  end if;
+  if v_profile = 'legacy' then
+    execute format('alter default privileges for role %s in schema public grant all on tables'
+                   ' to %s, anon, authenticated, service_role', v_me, v_me);
+  end if;
+  execute format('alter default privileges for role %s in schema public grant all on functions'
+                 ' to %s, anon, authenticated, service_role', v_me, v_me);
+  execute format('alter default privileges for role %s in schema public grant all on sequences'
+                 ' to %s, anon, authenticated, service_role', v_me, v_me);
+end
+$$;

@@ -152,6 +152,20 @@ class World:
         )
 
 
+def age_audit_logs(conn: psycopg.Connection[Any], scope_id: str, days: int, *, until: Any = None) -> None:
+    """Make a scope's audit rows (those created before ``until``, default all) ``days`` older, as the owner.
+
+    The rows' hashes then no longer match (created_at is hashed), so only use this on rows that a
+    retention purge is about to delete.
+    """
+    with conn.transaction():
+        conn.execute("alter table public.audit_logs disable trigger audit_logs_no_update")
+        conn.execute("update public.audit_logs set created_at = created_at - make_interval(days => %s)"
+                     " where scope_id = %s and (%s::timestamptz is null or created_at < %s)",
+                     (days, scope_id, until, until))
+        conn.execute("alter table public.audit_logs enable always trigger audit_logs_no_update")
+
+
 @pytest.fixture
 def world(conn: psycopg.Connection[dict[str, Any]]) -> World:
     return World(conn)

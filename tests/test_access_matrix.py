@@ -66,11 +66,11 @@ NOBODY: set[str] = set()
 TABLES = {
     # table: (read sql, {op: allowed actors})
     "orgs": ("select count(*) as n from public.orgs where id = %(acme)s",
-             {"read": {"member", "viewer", "admin"}, "update": {"admin"}}),
+             {"read": {"member", "viewer", "admin"}}),
     "org_members": ("select count(*) as n from public.org_members where org_id = %(acme)s",
                     {"read": {"member", "viewer", "admin"}}),
     "profiles": ("select count(*) as n from public.profiles where id = %(member)s",
-                 {"read": {"member"}, "update": {"member"}}),
+                 {"read": {"member"}}),
     "api_keys": ("select count(*) as n from public.api_keys where id = %(acme_ci)s", {"read": {"admin"}}),
     "org_invites": ("select count(*) as n from public.org_invites where id = %(invite)s", {"read": {"admin"}}),
     "credit_transactions": ("select count(*) as n from public.credit_transactions where org_id = %(acme)s",

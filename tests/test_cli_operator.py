@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import age_audit_logs
 from upshift_platform import cli
 from upshift_platform.embedded import free_port
 
@@ -85,8 +86,8 @@ def test_credits_commands(run_cli, world):
     assert exc.value.code == 2
 
 
-def test_audit_commands(run_cli, world, tmp_path):
-    world.org("acme", balance=5, admin=world.user("a@acme.test"))
+def test_audit_commands(run_cli, world, conn, tmp_path):
+    org = world.org("acme", balance=5, admin=world.user("a@acme.test"))
     tail = js(run_cli, "audit", "tail", "--org", "acme", "-n", "5")
     assert [e["event_type"] for e in tail][-1] == "credits_granted"
     assert js(run_cli, "audit", "verify", "--org", "acme")["ok"] is True
@@ -98,7 +99,8 @@ def test_audit_commands(run_cli, world, tmp_path):
     assert (tmp_path / "a.csv").read_text().startswith("id,seq,")
     assert js(run_cli, "audit", "retention", "--org", "acme", "--days", "30")["effective_days"] == 30
     assert js(run_cli, "audit", "retention", "--org", "acme", "--days", "default")["effective_days"] == 365
-    purge = js(run_cli, "audit", "purge", "--as-of", "2100-01-01T00:00:00+00:00")
+    age_audit_logs(conn, org, 400)
+    purge = js(run_cli, "audit", "purge")
     assert purge["deleted"] >= 1
     assert js(run_cli, "audit", "verify", "--org", "acme")["ok"] is True
 

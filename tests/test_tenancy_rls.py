@@ -49,15 +49,16 @@ def test_signed_in_non_member_sees_no_org(as_role, world, two_orgs):
 
 
 def test_only_admin_renames_org(as_role, conn, two_orgs):
-    with as_role("authenticated", two_orgs["bob"]) as cur:
-        cur.execute("update public.orgs set name = 'Hacked' where id = %s", (two_orgs["acme"],))
-        assert cur.rowcount == 0
-    with as_role("authenticated", two_orgs["mallory"]) as cur:
-        cur.execute("update public.orgs set name = 'Hacked' where id = %s", (two_orgs["acme"],))
-        assert cur.rowcount == 0
+    """Renames go through update_org (admin, audited); nobody may UPDATE orgs directly."""
+    for who in ("bob", "mallory", "alice"):
+        with as_role("authenticated", two_orgs[who]) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            cur.execute("update public.orgs set name = 'Hacked' where id = %s", (two_orgs["acme"],))
+    with as_role("authenticated", two_orgs["bob"]) as cur, pytest.raises(psycopg.Error) as exc:
+        cur.execute("select public.update_org(%s, 'Hacked')", (two_orgs["acme"],))
+    assert exc.value.diag.sqlstate == "PT403"
     with as_role("authenticated", two_orgs["alice"]) as cur:
-        cur.execute("update public.orgs set name = 'Acme Inc' where id = %s", (two_orgs["acme"],))
-        assert cur.rowcount == 1
+        assert cur.execute("select public.update_org(%s, 'Acme Inc') as r",
+                           (two_orgs["acme"],)).fetchone()["r"]["name"] == "Acme Inc"
 
 
 @pytest.mark.parametrize(
@@ -93,12 +94,14 @@ def test_no_api_role_writes_balances_directly(as_role, two_orgs, role):
 
 def test_default_org_must_be_one_of_mine(as_role, two_orgs):
     with as_role("authenticated", two_orgs["bob"]) as cur:
-        cur.execute("update public.profiles set default_org_id = %s where id = %s",
-                    (two_orgs["acme"], two_orgs["bob"]))
-        assert cur.rowcount == 1
+        me = cur.execute("select public.set_default_org(%s) as r", (two_orgs["acme"],)).fetchone()["r"]
+        assert str(me["default_org"]["id"]) == two_orgs["acme"]
+    with as_role("authenticated", two_orgs["bob"]) as cur, pytest.raises(psycopg.Error) as exc:
+        cur.execute("select public.set_default_org(%s)", (two_orgs["other"],))
+    assert exc.value.diag.sqlstate == "PT404"
     with as_role("authenticated", two_orgs["bob"]) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege):
         cur.execute("update public.profiles set default_org_id = %s where id = %s",
-                    (two_orgs["other"], two_orgs["bob"]))
+                    (two_orgs["acme"], two_orgs["bob"]))
 
 
 def test_service_role_reads_everything(as_role, two_orgs):

@@ -8,6 +8,7 @@ advisory lock keeps two runners from applying the same file twice.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +43,29 @@ def discover(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-def _bootstrap(conn: psycopg.Connection) -> bool:
+PRIVILEGE_PROFILES = ("legacy", "2026")
+
+
+def privilege_profile(explicit: str | None = None) -> str:
+    """Which Supabase default privileges the compat bootstrap reproduces (``UPSHIFT_SUPABASE_PRIVILEGES``).
+
+    ``legacy``: projects created before 2026-05-30, where every new table, function and sequence in
+    ``public`` is granted to anon, authenticated and service_role (the default: the most permissive).
+    ``2026``: newer projects, with no automatic table grants.
+    """
+    profile = explicit or os.environ.get("UPSHIFT_SUPABASE_PRIVILEGES") or "legacy"
+    if profile not in PRIVILEGE_PROFILES:
+        raise MigrationError(f"UPSHIFT_SUPABASE_PRIVILEGES is one of {', '.join(PRIVILEGE_PROFILES)}, not {profile!r}")
+    return profile
+
+
+def _bootstrap(conn: psycopg.Connection, profile: str) -> bool:
     """Apply the Supabase compat SQL on a plain PostgreSQL (no auth.users yet)."""
     has_auth = conn.execute("select to_regclass('auth.users') is not null").fetchone()
     if has_auth and has_auth[0]:
         return False
     with conn.transaction():
+        conn.execute("select set_config('upshift.compat_privileges', %s, true)", (profile,))
         conn.execute(compat_sql().read_text())
     return True
 
@@ -62,14 +80,20 @@ def applied_versions(conn: psycopg.Connection) -> set[str]:
         return {r[0] for r in cur.execute("select version from supabase_migrations.schema_migrations")}
 
 
-def migrate(url: str, directory: Path | None = None, *, log=print) -> list[Migration]:  # type: ignore[no-untyped-def]
-    """Apply pending migrations to the database at ``url``; returns what was applied."""
+def migrate(url: str, directory: Path | None = None, *, log=print,  # type: ignore[no-untyped-def]
+            privileges: str | None = None) -> list[Migration]:
+    """Apply pending migrations to the database at ``url``; returns what was applied.
+
+    On a plain PostgreSQL the compat bootstrap runs first, reproducing the Supabase default
+    privileges of ``privileges`` (see ``privilege_profile``).
+    """
+    profile = privilege_profile(privileges)
     pending_out: list[Migration] = []
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("select pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
-            if _bootstrap(conn):
-                log("applied Supabase compatibility bootstrap (sql/supabase_compat.sql)")
+            if _bootstrap(conn, profile):
+                log(f"applied Supabase compatibility bootstrap (sql/supabase_compat.sql, {profile} privileges)")
             conn.execute("create schema if not exists supabase_migrations")
             conn.execute(
                 "create table if not exists supabase_migrations.schema_migrations ("

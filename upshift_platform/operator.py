@@ -279,7 +279,7 @@ def audit_verify(args: argparse.Namespace) -> None:
 
 def audit_purge(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
-        result = call(cur, "purge_audit_logs", as_of=args.as_of or datetime.now().astimezone())
+        result = call(cur, "purge_audit_logs", as_of=args.as_of)
     _emit(args, result)
 
 

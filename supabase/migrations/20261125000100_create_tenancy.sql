@@ -4,13 +4,17 @@
 -- later migrations change them. Helpers that policies call live in schema private, which
 -- PostgREST does not expose.
 
+-- Grants: on Supabase every table and function created in public starts out granted to anon,
+-- authenticated and service_role (the project's default privileges; sql/supabase_compat.sql
+-- reproduces them locally), on top of PostgreSQL's own EXECUTE for PUBLIC on every function. So
+-- every object here revokes all of that right after it is created and grants back exactly what
+-- its callers need. tests/test_privileges.py keeps the resulting list (tests/api_privileges.txt).
+
 create schema if not exists private;
 revoke all on schema private from public;
-grant usage on schema private to authenticated, service_role;
+-- authenticated evaluates RLS policies that call private helpers; nothing else in private is granted.
+grant usage on schema private to authenticated;
 comment on schema private is 'Helpers for RLS policies and RPCs; not exposed through the API.';
-
-alter default privileges in schema public revoke execute on functions from public;
-alter default privileges in schema private revoke execute on functions from public;
 
 -- Orgs ---------------------------------------------------------------------------------------
 
@@ -36,6 +40,10 @@ comment on column public.orgs.slug is 'Unique short name; what UPSHIFT_ORG usual
 comment on column public.orgs.plan is 'pro or team; team unlocks org audit log queries.';
 comment on column public.orgs.credit_balance is
   'Shared credit pool. Changed only by debit_credits / grant_credits; never negative.';
+alter table public.orgs enable row level security;
+-- Read through RLS; every change goes through an RPC that checks the caller and audits it.
+revoke all on table public.orgs from anon, authenticated, service_role;
+grant select on table public.orgs to authenticated, service_role;
 
 create table public.org_members (
   org_id uuid not null references public.orgs (id) on delete cascade,
@@ -49,6 +57,9 @@ create index org_members_user_id_idx on public.org_members (user_id);
 comment on table public.org_members is
   'Membership. admin: manage members, keys, billing, read audit logs; member: spend the pool; '
   'viewer: read audit logs and balances, cannot spend.';
+alter table public.org_members enable row level security;
+revoke all on table public.org_members from anon, authenticated, service_role;
+grant select on table public.org_members to authenticated, service_role;
 
 -- Profiles -----------------------------------------------------------------------------------
 
@@ -70,7 +81,10 @@ comment on table public.profiles is 'One per auth.users row (created by trigger)
 comment on column public.profiles.credit_balance is
   'Personal credits (new users start with 10). Changed only by RPCs; never negative.';
 comment on column public.profiles.default_org_id is
-  'The selected org: the credit pool used when a request names no org.';
+  'The selected org: the credit pool used when a request names no org. Set with set_default_org().';
+alter table public.profiles enable row level security;
+revoke all on table public.profiles from anon, authenticated, service_role;
+grant select on table public.profiles to authenticated, service_role;
 
 -- Helpers ------------------------------------------------------------------------------------
 
@@ -83,6 +97,7 @@ begin
   return new;
 end
 $$;
+revoke all on function private.set_updated_at() from public, anon, authenticated, service_role;
 
 create trigger orgs_set_updated_at before update on public.orgs
   for each row execute function private.set_updated_at();
@@ -96,6 +111,8 @@ as $$
   select m.org_id from public.org_members m where m.user_id = (select auth.uid())
 $$;
 comment on function private.user_org_ids() is 'Orgs the calling user belongs to (any role).';
+revoke all on function private.user_org_ids() from public, anon, authenticated, service_role;
+grant execute on function private.user_org_ids() to authenticated;  -- RLS policies
 
 create function private.has_role_on_org(p_org_id uuid, p_roles text[]) returns boolean
 language sql stable security definer
@@ -108,11 +125,8 @@ as $$
 $$;
 comment on function private.has_role_on_org(uuid, text[]) is
   'Does the calling user hold one of p_roles in the org?';
-
-revoke all on function private.set_updated_at(), private.user_org_ids(),
-  private.has_role_on_org(uuid, text[]) from public;
-grant execute on function private.user_org_ids(), private.has_role_on_org(uuid, text[])
-  to authenticated, service_role;
+revoke all on function private.has_role_on_org(uuid, text[]) from public, anon, authenticated, service_role;
+grant execute on function private.has_role_on_org(uuid, text[]) to authenticated;  -- RLS policies
 
 create function private.handle_new_user() returns trigger
 language plpgsql security definer
@@ -124,7 +138,8 @@ begin
   return new;
 end
 $$;
-revoke all on function private.handle_new_user() from public;
+comment on function private.handle_new_user() is 'Trigger on auth.users: create the profile of a new user.';
+revoke all on function private.handle_new_user() from public, anon, authenticated, service_role;
 
 create trigger on_auth_user_created after insert on auth.users
   for each row execute function private.handle_new_user();
@@ -138,38 +153,20 @@ begin
   return new;
 end
 $$;
-revoke all on function private.handle_user_email_change() from public;
+comment on function private.handle_user_email_change() is 'Trigger on auth.users: keep profiles.email current.';
+revoke all on function private.handle_user_email_change() from public, anon, authenticated, service_role;
 
 create trigger on_auth_user_email_changed after update of email on auth.users
   for each row when (old.email is distinct from new.email)
   execute function private.handle_user_email_change();
 
--- RLS and grants -----------------------------------------------------------------------------
-
-alter table public.orgs enable row level security;
-alter table public.org_members enable row level security;
-alter table public.profiles enable row level security;
-
-revoke all on table public.orgs, public.org_members, public.profiles from anon, authenticated, service_role;
-grant select on table public.orgs, public.org_members, public.profiles to authenticated, service_role;
--- Column grants: a role can only ever write these columns; RLS says which rows.
-grant update (name, slug) on table public.orgs to authenticated;
-grant update (default_org_id) on table public.profiles to authenticated;
+-- RLS policies -------------------------------------------------------------------------------
 
 create policy orgs_select_member on public.orgs for select to authenticated
   using (id in (select private.user_org_ids()));
-create policy orgs_update_admin on public.orgs for update to authenticated
-  using ((select private.has_role_on_org(id, array['admin'])))
-  with check ((select private.has_role_on_org(id, array['admin'])));
 
 create policy org_members_select_same_org on public.org_members for select to authenticated
   using (org_id in (select private.user_org_ids()));
 
 create policy profiles_select_own on public.profiles for select to authenticated
   using (id = (select auth.uid()));
-create policy profiles_update_own on public.profiles for update to authenticated
-  using (id = (select auth.uid()))
-  with check (
-    id = (select auth.uid())
-    and (default_org_id is null or default_org_id in (select private.user_org_ids()))
-  );

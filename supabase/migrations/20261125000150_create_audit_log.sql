@@ -4,7 +4,9 @@
 -- content and the previous row's hash; rows are appended only by private.audit_append, under
 -- a per-scope lock, so concurrent appends cannot fork a chain. UPDATE, DELETE and TRUNCATE are
 -- refused by triggers that fire always (also with session_replication_role = replica); the
--- retention purge is the one deletion path, and it leaves a checkpoint the chain verifies from.
+-- retention purge (private.purge_audit_scope) is the one deletion path: it writes a permit for
+-- its own transaction that the delete trigger checks, leaves a checkpoint the chain verifies
+-- from, and records an audit_purged event.
 
 alter table public.orgs add column audit_retention_days integer
   constraint orgs_audit_retention_days_check check (audit_retention_days between 1 and 3650);
@@ -52,6 +54,9 @@ comment on column public.audit_logs.user_id is 'The user who acted (actor_kind =
 comment on column public.audit_logs.service_key_id is 'The org service key that acted (actor_kind = service_key: CI).';
 comment on column public.audit_logs.client_timestamp is 'The timestamp the client sent (not trusted for ordering).';
 comment on column public.audit_logs.created_at is 'Server time of the append (clock_timestamp under the scope lock).';
+alter table public.audit_logs enable row level security;
+revoke all on table public.audit_logs from anon, authenticated, service_role;
+grant select on table public.audit_logs to authenticated, service_role;
 
 create table public.audit_checkpoints (
   scope_id uuid primary key,
@@ -62,6 +67,19 @@ create table public.audit_checkpoints (
 );
 comment on table public.audit_checkpoints is
   'Where a purged scope''s chain now starts: the seq and hash of the last purged row.';
+alter table public.audit_checkpoints enable row level security;
+revoke all on table public.audit_checkpoints from anon, authenticated, service_role;
+grant select on table public.audit_checkpoints to authenticated, service_role;
+
+create table private.audit_purge_permits (
+  txid xid8 not null default pg_current_xact_id(),
+  scope_id uuid not null,
+  through_seq bigint not null,
+  primary key (txid, scope_id)
+);
+comment on table private.audit_purge_permits is
+  'Written only by private.purge_audit_scope for its own transaction: which rows the delete trigger lets go.';
+revoke all on table private.audit_purge_permits from public, anon, authenticated, service_role;
 
 -- Hashing ----------------------------------------------------------------------------------
 
@@ -80,6 +98,7 @@ end
 $$;
 comment on function private.audit_hash(public.audit_logs) is
   'sha256 over a canonical JSON array of the row''s content and prev_hash.';
+revoke all on function private.audit_hash(public.audit_logs) from public, anon, authenticated, service_role;
 
 create function private.request_ip() returns inet
 language plpgsql stable
@@ -102,6 +121,8 @@ begin
   end;
 end
 $$;
+comment on function private.request_ip() is 'The client address the functions resolved (request.headers x-forwarded-for).';
+revoke all on function private.request_ip() from public, anon, authenticated, service_role;
 
 create function private.request_user_agent() returns text
 language plpgsql stable
@@ -111,6 +132,8 @@ begin
   return left(nullif(current_setting('request.headers', true), '')::jsonb ->> 'user-agent', 512);
 end
 $$;
+comment on function private.request_user_agent() is 'The client''s User-Agent (request.headers), at most 512 characters.';
+revoke all on function private.request_user_agent() from public, anon, authenticated, service_role;
 
 -- Appending --------------------------------------------------------------------------------
 
@@ -159,21 +182,27 @@ $$;
 comment on function private.audit_append(uuid, uuid, text, text, text, jsonb, timestamptz) is
   'Append one event to a scope''s chain; the actor comes from the request''s claims, IP and user agent from '
   'request.headers. The only way rows enter audit_logs.';
+revoke all on function private.audit_append(uuid, uuid, text, text, text, jsonb, timestamptz) from public, anon, authenticated, service_role;
 
 -- Append-only ------------------------------------------------------------------------------
 
 create function private.audit_logs_guard() returns trigger
-language plpgsql
+language plpgsql security definer
 set search_path = ''
 as $$
 begin
-  if tg_op = 'DELETE' and current_setting('upshift.audit_purge', true) = 'on' then
-    return old;  -- private.purge_audit_scope, the retention purge
+  if tg_op = 'DELETE' and exists (
+      select 1 from private.audit_purge_permits p
+      where p.txid = pg_current_xact_id() and p.scope_id = old.scope_id and old.seq <= p.through_seq) then
+    return old;  -- private.purge_audit_scope, the retention purge, in this very transaction
   end if;
   raise exception 'audit_logs is append-only: % is not allowed', tg_op
     using errcode = 'PT403', detail = '{"error": "append_only"}';
 end
 $$;
+comment on function private.audit_logs_guard() is
+  'Trigger: refuse UPDATE, DELETE and TRUNCATE on audit_logs, except the retention purge''s own deletes.';
+revoke all on function private.audit_logs_guard() from public, anon, authenticated, service_role;
 
 create trigger audit_logs_no_update before update on public.audit_logs
   for each row execute function private.audit_logs_guard();
@@ -230,6 +259,7 @@ end
 $$;
 comment on function private.verify_audit_scope(uuid) is
   'Recompute a scope''s chain from its checkpoint: ok, or the first missing or broken sequence number.';
+revoke all on function private.verify_audit_scope(uuid) from public, anon, authenticated, service_role;
 
 create function private.audit_retention_days(p_scope_id uuid) returns integer
 language sql stable security definer
@@ -242,6 +272,7 @@ as $$
 $$;
 comment on function private.audit_retention_days(uuid) is
   'Retention of a scope: the org''s operator setting, else by plan (team 365, pro 90); personal logs 90.';
+revoke all on function private.audit_retention_days(uuid) from public, anon, authenticated, service_role;
 
 create function private.purge_audit_scope(p_scope_id uuid, p_now timestamptz) returns bigint
 language plpgsql volatile security definer
@@ -260,25 +291,29 @@ begin
     return 0;
   end if;
   select l.hash into v_hash from public.audit_logs l where l.scope_id = p_scope_id and l.seq = v_last;
-  perform set_config('upshift.audit_purge', 'on', true);
+  insert into private.audit_purge_permits (scope_id, through_seq) values (p_scope_id, v_last);
   delete from public.audit_logs l where l.scope_id = p_scope_id and l.seq <= v_last;
   get diagnostics v_deleted = row_count;
-  perform set_config('upshift.audit_purge', 'off', true);
+  delete from private.audit_purge_permits p where p.txid = pg_current_xact_id() and p.scope_id = p_scope_id;
   insert into public.audit_checkpoints as c (scope_id, seq, hash, purged_rows, purged_at)
   values (p_scope_id, v_last, v_hash, v_deleted, now())
   on conflict (scope_id) do update
     set seq = excluded.seq, hash = excluded.hash, purged_rows = c.purged_rows + excluded.purged_rows,
         purged_at = excluded.purged_at;
+  -- The purge itself is evidence: the chain goes on from the checkpoint with this event.
+  perform private.audit_append(p_scope_id, (select o.id from public.orgs o where o.id = p_scope_id), 'audit_purged',
+    'audit_log', p_scope_id::text, jsonb_build_object('deleted', v_deleted, 'through_seq', v_last,
+      'through_hash', encode(v_hash, 'hex'), 'cutoff', v_cutoff, 'as_of', p_now,
+      'retention_days', private.audit_retention_days(p_scope_id)));
   return v_deleted;
 end
 $$;
+comment on function private.purge_audit_scope(uuid, timestamptz) is
+  'Retention: delete a scope''s rows older than its retention (a prefix of the chain), keep a checkpoint and '
+  'record audit_purged. The only path by which audit rows are ever deleted.';
+revoke all on function private.purge_audit_scope(uuid, timestamptz) from public, anon, authenticated, service_role;
 
-revoke all on function private.audit_hash(public.audit_logs), private.request_ip(), private.request_user_agent(),
-  private.audit_append(uuid, uuid, text, text, text, jsonb, timestamptz), private.audit_logs_guard(),
-  private.verify_audit_scope(uuid), private.audit_retention_days(uuid), private.purge_audit_scope(uuid, timestamptz)
-  from public;
-
--- RLS and grants ---------------------------------------------------------------------------
+-- RLS ---------------------------------------------------------------------------------------
 
 create function private.can_read_org_audit(p_org_id uuid) returns boolean
 language sql stable security definer
@@ -289,13 +324,10 @@ as $$
     where m.org_id = p_org_id and m.user_id = (select auth.uid()) and m.role in ('admin', 'viewer')
       and o.plan = 'team')
 $$;
-revoke all on function private.can_read_org_audit(uuid) from public;
-grant execute on function private.can_read_org_audit(uuid) to authenticated, service_role;
-
-alter table public.audit_logs enable row level security;
-alter table public.audit_checkpoints enable row level security;
-revoke all on table public.audit_logs, public.audit_checkpoints from anon, authenticated, service_role;
-grant select on table public.audit_logs, public.audit_checkpoints to authenticated, service_role;
+comment on function private.can_read_org_audit(uuid) is
+  'May the calling user read the org''s audit log (admin or viewer, Team plan)?';
+revoke all on function private.can_read_org_audit(uuid) from public, anon, authenticated, service_role;
+grant execute on function private.can_read_org_audit(uuid) to authenticated;  -- RLS policies
 
 create policy audit_logs_select on public.audit_logs for select to authenticated
   using (

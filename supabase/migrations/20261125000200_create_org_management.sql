@@ -20,6 +20,27 @@ end
 $$;
 comment on function private.err(integer, text, text, jsonb) is
   'Raise SQLSTATE PT<status> (PostgREST maps it to HTTP <status>) with a JSON detail {"error": code, ...}.';
+revoke all on function private.err(integer, text, text, jsonb) from public, anon, authenticated, service_role;
+
+create function private.require_backend(p_function text) returns void
+language plpgsql stable
+set search_path = ''
+as $$
+declare
+  -- The API role the request runs as (PostgREST and our functions SET ROLE per transaction; a
+  -- security-definer function changes current_user, not this), else the connected role.
+  v_role text := coalesce(nullif(current_setting('role', true), 'none'), session_user);
+begin
+  if v_role in ('anon', 'authenticated', 'authenticator') then
+    perform private.err(403, 'backend_only',
+      format('%s is for the platform''s backend (service_role) only.', p_function),
+      jsonb_build_object('function', p_function));
+  end if;
+end
+$$;
+comment on function private.require_backend(text) is
+  'Defence in depth for backend-only RPCs: refuse anon and authenticated even if EXECUTE was granted by mistake.';
+revoke all on function private.require_backend(text) from public, anon, authenticated, service_role;
 
 create function private.find_org(p_org text) returns uuid
 language plpgsql stable security definer
@@ -34,6 +55,7 @@ begin
 end
 $$;
 comment on function private.find_org(text) is 'An org by id or slug (no access check).';
+revoke all on function private.find_org(text) from public, anon, authenticated, service_role;
 
 create function private.require_org(p_org text) returns uuid
 language plpgsql stable security definer
@@ -49,6 +71,7 @@ begin
 end
 $$;
 comment on function private.require_org(text) is 'An org by id or slug, or PT404 (operator paths: no access check).';
+revoke all on function private.require_org(text) from public, anon, authenticated, service_role;
 
 create table public.api_keys (
   id uuid primary key default gen_random_uuid(),
@@ -77,6 +100,12 @@ comment on column public.api_keys.org_id is
   'Personal key: the default org context. Service key: the org it acts for (as a service actor, not a user).';
 comment on column public.api_keys.key_prefix is 'First characters of the key, for recognising it; not secret.';
 comment on column public.api_keys.last_used_at is 'Updated at most once a minute.';
+alter table public.api_keys enable row level security;
+revoke all on table public.api_keys from anon, authenticated, service_role;
+grant select on table public.api_keys to service_role;
+-- Direct reads for PostgREST clients (never the hash); writes only through the RPCs below.
+grant select (id, user_id, org_id, kind, name, key_prefix, created_at, last_used_at, expires_at, revoked_at)
+  on table public.api_keys to authenticated;
 
 -- Hot-path helpers are plpgsql: their plans are cached per session, while a SQL function with a
 -- SET clause is neither inlined nor plan-cached (it is planned again on every call).
@@ -98,6 +127,7 @@ end
 $$;
 comment on function private.service_key() is
   'The active org service key the caller acts as (claims set after the key was verified), if any.';
+revoke all on function private.service_key() from public, anon, authenticated, service_role;
 
 create function private.actor_org_role(p_org_id uuid) returns text
 language plpgsql stable security definer
@@ -114,6 +144,7 @@ end
 $$;
 comment on function private.actor_org_role(uuid) is
   'The caller''s role in the org: admin, member, viewer, service (an org service key) or null.';
+revoke all on function private.actor_org_role(uuid) from public, anon, authenticated, service_role;
 
 create function private.org_for(p_org text, p_roles text[] default null) returns uuid
 language plpgsql stable security definer
@@ -142,6 +173,7 @@ end
 $$;
 comment on function private.org_for(text, text[]) is
   'Resolve an org the caller can see (404 otherwise) and, with p_roles, check the caller''s role (403).';
+revoke all on function private.org_for(text, text[]) from public, anon, authenticated, service_role;
 
 create function private.require_user() returns uuid
 language plpgsql stable
@@ -154,6 +186,7 @@ begin
   return (select auth.uid());
 end
 $$;
+revoke all on function private.require_user() from public, anon, authenticated, service_role;
 
 create function private.new_secret(p_prefix text) returns text
 language sql volatile
@@ -162,6 +195,7 @@ as $$
   -- 2 x 122 random bits from the server's strong random source.
   select p_prefix || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '')
 $$;
+revoke all on function private.new_secret(text) from public, anon, authenticated, service_role;
 
 create function private.sha256_hex(p_text text) returns text
 language sql immutable
@@ -169,6 +203,7 @@ set search_path = ''
 as $$
   select encode(sha256(convert_to(p_text, 'UTF8')), 'hex')
 $$;
+revoke all on function private.sha256_hex(text) from public, anon, authenticated, service_role;
 
 create function private.org_json(p_org_id uuid, p_role text) returns jsonb
 language plpgsql stable security definer
@@ -182,6 +217,7 @@ begin
   from public.orgs o where o.id = p_org_id);
 end
 $$;
+revoke all on function private.org_json(uuid, text) from public, anon, authenticated, service_role;
 
 create function private.check_role(p_role text) returns text
 language plpgsql immutable
@@ -195,13 +231,7 @@ begin
   return p_role;
 end
 $$;
-
-revoke all on function private.err(integer, text, text, jsonb), private.find_org(text), private.require_org(text),
-  private.service_key(), private.actor_org_role(uuid), private.org_for(text, text[]),
-  private.require_user(), private.new_secret(text), private.sha256_hex(text),
-  private.org_json(uuid, text), private.check_role(text) from public;
-grant execute on function private.service_key(), private.actor_org_role(uuid)
-  to authenticated, service_role;
+revoke all on function private.check_role(text) from public, anon, authenticated, service_role;
 
 -- Org RPCs -----------------------------------------------------------------------------------
 
@@ -228,6 +258,8 @@ begin
 end
 $$;
 comment on function public.create_org(text, text) is 'Create an org; the caller becomes its admin.';
+revoke all on function public.create_org(text, text) from public, anon, authenticated, service_role;
+grant execute on function public.create_org(text, text) to authenticated;
 
 create function public.get_org(org text) returns jsonb
 language plpgsql stable security definer
@@ -240,6 +272,8 @@ begin
 end
 $$;
 comment on function public.get_org(text) is 'An org the caller belongs to, with the caller''s role.';
+revoke all on function public.get_org(text) from public, anon, authenticated, service_role;
+grant execute on function public.get_org(text) to authenticated;
 
 create function public.list_my_orgs() returns jsonb
 language sql stable security definer
@@ -250,6 +284,8 @@ as $$
   where m.user_id = (select auth.uid())
 $$;
 comment on function public.list_my_orgs() is 'The caller''s orgs with their role in each.';
+revoke all on function public.list_my_orgs() from public, anon, authenticated, service_role;
+grant execute on function public.list_my_orgs() to authenticated;
 
 create function public.update_org(org text, name text default null, slug text default null) returns jsonb
 language plpgsql security definer
@@ -273,6 +309,8 @@ begin
 end
 $$;
 comment on function public.update_org(text, text, text) is 'Rename an org or change its slug (admin).';
+revoke all on function public.update_org(text, text, text) from public, anon, authenticated, service_role;
+grant execute on function public.update_org(text, text, text) to authenticated;
 
 -- check_name/check_slug pass null through (update_org changes only what was given).
 create function private.check_name(p_name text) returns text
@@ -286,6 +324,7 @@ begin
   return btrim(p_name);
 end
 $$;
+revoke all on function private.check_name(text) from public, anon, authenticated, service_role;
 
 create function private.check_slug(p_slug text) returns text
 language plpgsql immutable
@@ -303,8 +342,7 @@ begin
   return v;
 end
 $$;
-
-revoke all on function private.check_slug(text), private.check_name(text) from public;
+revoke all on function private.check_slug(text) from public, anon, authenticated, service_role;
 
 -- Members ------------------------------------------------------------------------------------
 
@@ -324,17 +362,31 @@ begin
 end
 $$;
 comment on function public.list_members(text) is 'Members of an org the caller belongs to.';
+revoke all on function public.list_members(text) from public, anon, authenticated, service_role;
+grant execute on function public.list_members(text) to authenticated;
 
-create function private.lock_admins(p_org_id uuid) returns integer
-language sql volatile
+create function private.lock_membership(p_org uuid, p_via text) returns integer
+language plpgsql volatile security definer
 set search_path = ''
 as $$
-  -- Lock the org row so concurrent demotions/removals of the last admins serialize.
-  select count(*)::integer from public.org_members m
-  where m.org_id = (select o.id from public.orgs o where o.id = p_org_id for update)
-    and m.role = 'admin'
+begin
+  -- The org row is the lock that every membership change and every spend from the org's pool
+  -- takes, so they serialize here. Everything below is read after the lock (each statement of a
+  -- volatile function takes a new snapshot): the caller's role as it is now, not as it was when
+  -- the request started, and the number of admins left.
+  perform 1 from public.orgs o where o.id = p_org for update;
+  if p_via = 'admin' and not exists (
+      select 1 from public.org_members m
+      where m.org_id = p_org and m.user_id = (select auth.uid()) and m.role = 'admin') then
+    perform private.err(403, 'forbidden', 'You are no longer an admin of this org.',
+                        jsonb_build_object('org_id', p_org));
+  end if;
+  return (select count(*)::integer from public.org_members m where m.org_id = p_org and m.role = 'admin');
+end
 $$;
-revoke all on function private.lock_admins(uuid) from public;
+comment on function private.lock_membership(uuid, text) is
+  'Lock the org row for a membership change, re-check an admin caller (p_via = admin) and count the admins.';
+revoke all on function private.lock_membership(uuid, text) from public, anon, authenticated, service_role;
 
 create function private.change_member_role(p_org uuid, p_user uuid, p_role text, p_via text) returns jsonb
 language plpgsql volatile security definer
@@ -342,8 +394,9 @@ set search_path = ''
 as $$
 declare
   v_new text := private.check_role(p_role);
-  v_admins integer := private.lock_admins(p_org);
+  v_admins integer := private.lock_membership(p_org, p_via);
   v_old text;
+  v_revoked jsonb := '{"revoked_api_keys": [], "revoked_invites": []}'::jsonb;
 begin
   select m.role into v_old from public.org_members m where m.org_id = p_org and m.user_id = p_user for update;
   if v_old is null then
@@ -356,18 +409,23 @@ begin
     update public.org_members m set role = v_new where m.org_id = p_org and m.user_id = p_user;
     perform private.audit_append(p_org, p_org, 'member_role_changed', 'user', p_user::text,
       jsonb_build_object('user_id', p_user, 'from', v_old, 'to', v_new, 'via', p_via));
+    if v_old = 'admin' then
+      v_revoked := private.revoke_member_grants(p_org, p_user, 'member_demoted');
+    end if;
   end if;
-  return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'role', v_new, 'previous_role', v_old);
+  return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'role', v_new, 'previous_role', v_old) || v_revoked;
 end
 $$;
+revoke all on function private.change_member_role(uuid, uuid, text, text) from public, anon, authenticated, service_role;
 
 create function private.delete_member(p_org uuid, p_user uuid, p_via text) returns jsonb
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_admins integer := private.lock_admins(p_org);
+  v_admins integer := private.lock_membership(p_org, p_via);
   v_old text;
+  v_revoked jsonb;
 begin
   select m.role into v_old from public.org_members m where m.org_id = p_org and m.user_id = p_user for update;
   if v_old is null then
@@ -380,11 +438,11 @@ begin
   update public.profiles p set default_org_id = null where p.id = p_user and p.default_org_id = p_org;
   perform private.audit_append(p_org, p_org, 'member_removed', 'user', p_user::text,
     jsonb_build_object('user_id', p_user, 'role', v_old, 'via', p_via));
-  return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'removed', true, 'role', v_old);
+  v_revoked := private.revoke_member_grants(p_org, p_user, 'member_removed');
+  return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'removed', true, 'role', v_old) || v_revoked;
 end
 $$;
-revoke all on function private.change_member_role(uuid, uuid, text, text), private.delete_member(uuid, uuid, text)
-  from public;
+revoke all on function private.delete_member(uuid, uuid, text) from public, anon, authenticated, service_role;
 
 create function public.set_member_role(org text, user_id uuid, role text) returns jsonb
 language plpgsql security definer
@@ -396,6 +454,8 @@ begin
 end
 $$;
 comment on function public.set_member_role(text, uuid, text) is 'Change a member''s role (admin; never the last admin).';
+revoke all on function public.set_member_role(text, uuid, text) from public, anon, authenticated, service_role;
+grant execute on function public.set_member_role(text, uuid, text) to authenticated;
 
 create function public.remove_member(org text, user_id uuid) returns jsonb
 language plpgsql security definer
@@ -410,16 +470,22 @@ begin
 end
 $$;
 comment on function public.remove_member(text, uuid) is 'Remove a member (admin), or leave (the member); never the last admin.';
+revoke all on function public.remove_member(text, uuid) from public, anon, authenticated, service_role;
+grant execute on function public.remove_member(text, uuid) to authenticated;
 
 create function public.admin_add_member(org text, user_id uuid, role text) returns jsonb
 language plpgsql security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.require_org(admin_add_member.org);
-  v_role text := private.check_role(admin_add_member.role);
+  v_org uuid;
+  v_role text;
   v_old text;
 begin
+  perform private.require_backend('admin_add_member');
+  v_org := private.require_org(admin_add_member.org);
+  v_role := private.check_role(admin_add_member.role);
+  perform private.lock_membership(v_org, 'operator');
   if not exists (select 1 from auth.users u where u.id = admin_add_member.user_id) then
     perform private.err(404, 'user_not_found', 'No such user.');
   end if;
@@ -437,6 +503,8 @@ end
 $$;
 comment on function public.admin_add_member(text, uuid, text) is
   'Operator (service_role): add a user to an org or set their role.';
+revoke all on function public.admin_add_member(text, uuid, text) from public, anon, authenticated, service_role;
+grant execute on function public.admin_add_member(text, uuid, text) to service_role;  -- backend only
 
 -- Invites ------------------------------------------------------------------------------------
 
@@ -458,6 +526,11 @@ create table public.org_invites (
 );
 create index org_invites_org_id_idx on public.org_invites (org_id);
 comment on table public.org_invites is 'Single-use invitations (7 days); only the SHA-256 of the token is stored.';
+alter table public.org_invites enable row level security;
+revoke all on table public.org_invites from anon, authenticated, service_role;
+grant select on table public.org_invites to service_role;
+grant select (id, org_id, email, role, invited_by, created_at, expires_at, accepted_at, accepted_by, revoked_at)
+  on table public.org_invites to authenticated;
 
 create function private.invite_json(i public.org_invites) returns jsonb
 language sql stable
@@ -466,7 +539,44 @@ as $$
   select jsonb_build_object('id', i.id, 'org_id', i.org_id, 'email', i.email, 'role', i.role,
     'invited_by', i.invited_by, 'created_at', i.created_at, 'expires_at', i.expires_at)
 $$;
-revoke all on function private.invite_json(public.org_invites) from public;
+revoke all on function private.invite_json(public.org_invites) from public, anon, authenticated, service_role;
+
+create function private.revoke_member_grants(p_org uuid, p_user uuid, p_via text) returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_keys jsonb := '[]'::jsonb;
+  v_invites jsonb := '[]'::jsonb;
+  k public.api_keys;
+  i public.org_invites;
+begin
+  -- What a member handed out as an admin stops working when they stop being one: the org's service
+  -- keys they created and the invites they sent that nobody has accepted yet.
+  for k in
+    update public.api_keys a set revoked_at = now()
+    where a.org_id = p_org and a.kind = 'service' and a.user_id = p_user and a.revoked_at is null
+    returning a.*
+  loop
+    perform private.audit_append(p_org, p_org, 'api_key_revoked', 'api_key', k.id::text,
+      jsonb_build_object('name', k.name, 'kind', k.kind, 'prefix', k.key_prefix, 'owner', p_user, 'via', p_via));
+    v_keys := v_keys || jsonb_build_array(jsonb_build_object('id', k.id, 'name', k.name, 'prefix', k.key_prefix));
+  end loop;
+  for i in
+    update public.org_invites v set revoked_at = now()
+    where v.org_id = p_org and v.invited_by = p_user and v.accepted_at is null and v.revoked_at is null
+    returning v.*
+  loop
+    perform private.audit_append(p_org, p_org, 'invite_revoked', 'invite', i.id::text,
+      jsonb_build_object('email', i.email, 'role', i.role, 'invited_by', p_user, 'via', p_via));
+    v_invites := v_invites || jsonb_build_array(jsonb_build_object('id', i.id, 'email', i.email, 'role', i.role));
+  end loop;
+  return jsonb_build_object('revoked_api_keys', v_keys, 'revoked_invites', v_invites);
+end
+$$;
+comment on function private.revoke_member_grants(uuid, uuid, text) is
+  'Revoke the org''s service keys a member created and their pending invites (on removal or demotion from admin).';
+revoke all on function private.revoke_member_grants(uuid, uuid, text) from public, anon, authenticated, service_role;
 
 create function public.create_invite(org text, email text, role text) returns jsonb
 language plpgsql security definer
@@ -491,6 +601,8 @@ end
 $$;
 comment on function public.create_invite(text, text, text) is
   'Invite an email to an org (admin). Returns the token once; valid 7 days, single use.';
+revoke all on function public.create_invite(text, text, text) from public, anon, authenticated, service_role;
+grant execute on function public.create_invite(text, text, text) to authenticated;
 
 create function public.list_invites(org text) returns jsonb
 language plpgsql stable security definer
@@ -505,6 +617,8 @@ begin
 end
 $$;
 comment on function public.list_invites(text) is 'Pending invites of an org (admin).';
+revoke all on function public.list_invites(text) from public, anon, authenticated, service_role;
+grant execute on function public.list_invites(text) to authenticated;
 
 create function public.revoke_invite(org text, invite_id uuid) returns jsonb
 language plpgsql security definer
@@ -526,6 +640,8 @@ begin
 end
 $$;
 comment on function public.revoke_invite(text, uuid) is 'Revoke a pending invite (admin).';
+revoke all on function public.revoke_invite(text, uuid) from public, anon, authenticated, service_role;
+grant execute on function public.revoke_invite(text, uuid) to authenticated;
 
 create function public.accept_invite(token text) returns jsonb
 language plpgsql security definer
@@ -547,6 +663,11 @@ begin
   elsif v_inv.expires_at <= now() then
     perform private.err(409, 'invite_expired', 'This invite has expired.');
   end if;
+  if v_inv.invited_by is not null and not exists (
+      select 1 from public.org_members m
+      where m.org_id = v_inv.org_id and m.user_id = v_inv.invited_by and m.role = 'admin') then
+    perform private.err(409, 'invite_revoked', 'The admin who sent this invite no longer administers the org.');
+  end if;
   select lower(u.email) into v_email from auth.users u where u.id = v_uid;
   if v_email is distinct from v_inv.email then
     perform private.err(403, 'invite_email_mismatch', 'This invite is for another email address.');
@@ -564,6 +685,8 @@ begin
 end
 $$;
 comment on function public.accept_invite(text) is 'Join an org with an invite token sent to the caller''s email.';
+revoke all on function public.accept_invite(text) from public, anon, authenticated, service_role;
+grant execute on function public.accept_invite(text) to authenticated;
 
 -- API keys -----------------------------------------------------------------------------------
 
@@ -575,7 +698,7 @@ as $$
     'user_id', k.user_id, 'org_id', k.org_id, 'created_at', k.created_at, 'last_used_at', k.last_used_at,
     'expires_at', k.expires_at, 'revoked_at', k.revoked_at)
 $$;
-revoke all on function private.api_key_json(public.api_keys) from public;
+revoke all on function private.api_key_json(public.api_keys) from public, anon, authenticated, service_role;
 
 create function private.issue_api_key(p_user uuid, p_name text, p_kind text, p_org uuid, p_expires timestamptz)
 returns jsonb
@@ -605,7 +728,7 @@ begin
   return private.api_key_json(v_key) || jsonb_build_object('secret', v_secret);
 end
 $$;
-revoke all on function private.issue_api_key(uuid, text, text, uuid, timestamptz) from public;
+revoke all on function private.issue_api_key(uuid, text, text, uuid, timestamptz) from public, anon, authenticated, service_role;
 
 create function public.create_api_key(name text, kind text default 'personal', org text default null,
                                       expires_at timestamptz default null) returns jsonb
@@ -627,6 +750,8 @@ $$;
 comment on function public.create_api_key(text, text, text, timestamptz) is
   'Create an API key: personal (acts as you; org binds a default org) or service (an org''s CI key; admin). '
   'Returns the secret once.';
+revoke all on function public.create_api_key(text, text, text, timestamptz) from public, anon, authenticated, service_role;
+grant execute on function public.create_api_key(text, text, text, timestamptz) to authenticated;
 
 create function public.admin_create_api_key(user_id uuid, name text, kind text default 'personal',
                                             org text default null, expires_at timestamptz default null)
@@ -637,6 +762,7 @@ as $$
 declare
   v_org uuid;
 begin
+  perform private.require_backend('admin_create_api_key');
   if admin_create_api_key.org is not null then
     v_org := private.require_org(admin_create_api_key.org);
   end if;
@@ -657,6 +783,8 @@ end
 $$;
 comment on function public.admin_create_api_key(uuid, text, text, text, timestamptz) is
   'Operator (service_role): create an API key for a user.';
+revoke all on function public.admin_create_api_key(uuid, text, text, text, timestamptz) from public, anon, authenticated, service_role;
+grant execute on function public.admin_create_api_key(uuid, text, text, text, timestamptz) to service_role;  -- backend only
 
 create function public.list_api_keys() returns jsonb
 language sql stable security definer
@@ -669,6 +797,8 @@ as $$
 $$;
 comment on function public.list_api_keys() is
   'The caller''s personal keys and the service keys of orgs the caller administers (never secrets).';
+revoke all on function public.list_api_keys() from public, anon, authenticated, service_role;
+grant execute on function public.list_api_keys() to authenticated;
 
 create function public.revoke_api_key(key_id uuid) returns jsonb
 language plpgsql security definer
@@ -677,6 +807,11 @@ as $$
 declare
   v_key public.api_keys;
 begin
+  -- A service key spends its org's pool: take the org row lock that spends take, so a spend in flight
+  -- either finishes before the revocation or sees it.
+  perform 1 from public.orgs o
+  where o.id = (select k.org_id from public.api_keys k where k.id = revoke_api_key.key_id and k.kind = 'service')
+  for update;
   update public.api_keys k set revoked_at = coalesce(k.revoked_at, now())
   where k.id = revoke_api_key.key_id
     and ((k.kind = 'personal' and k.user_id = (select auth.uid()))
@@ -691,6 +826,8 @@ begin
 end
 $$;
 comment on function public.revoke_api_key(uuid) is 'Revoke an API key at once (its owner, or an admin for service keys).';
+revoke all on function public.revoke_api_key(uuid) from public, anon, authenticated, service_role;
+grant execute on function public.revoke_api_key(uuid) to authenticated;
 
 create function public.authenticate_api_key(p_key_hash text) returns jsonb
 language plpgsql volatile security definer
@@ -699,6 +836,7 @@ as $$
 declare
   v_key public.api_keys;
 begin
+  perform private.require_backend('authenticate_api_key');
   select * into v_key from public.api_keys k where k.key_hash = p_key_hash;
   if v_key.id is null then
     return jsonb_build_object('status', 'unknown');
@@ -719,6 +857,8 @@ end
 $$;
 comment on function public.authenticate_api_key(text) is
   'Backend only (service_role): look a key up by its SHA-256; touches last_used_at at most once a minute.';
+revoke all on function public.authenticate_api_key(text) from public, anon, authenticated, service_role;
+grant execute on function public.authenticate_api_key(text) to service_role;  -- backend only
 
 -- Context and profile ------------------------------------------------------------------------
 
@@ -760,6 +900,8 @@ $$;
 comment on function public.resolve_org(text) is
   'The org context of a request: explicit org (id or slug) -> the API key''s org -> the default org -> '
   'null (personal). An explicit org the caller does not belong to is PT403.';
+revoke all on function public.resolve_org(text) from public, anon, authenticated, service_role;
+grant execute on function public.resolve_org(text) to authenticated;
 
 create function public.set_default_org(org text) returns jsonb
 language plpgsql security definer
@@ -776,6 +918,8 @@ begin
   return public.me();
 end
 $$;
+revoke all on function public.set_default_org(text) from public, anon, authenticated, service_role;
+grant execute on function public.set_default_org(text) to authenticated;
 
 create function public.me() returns jsonb
 language sql stable security definer
@@ -792,21 +936,13 @@ as $$
   from public.profiles p where p.id = (select auth.uid())
 $$;
 comment on function public.me() is 'The caller''s profile, personal balance, plan, memberships and default org.';
+revoke all on function public.me() from public, anon, authenticated, service_role;
+grant execute on function public.me() to authenticated;
 
 -- set_default_org is defined before me(): plpgsql resolves names at run time, so that is fine.
 comment on function public.set_default_org(text) is 'Select the default org (null clears it).';
 
--- RLS and grants -----------------------------------------------------------------------------
-
-alter table public.api_keys enable row level security;
-alter table public.org_invites enable row level security;
-revoke all on table public.api_keys, public.org_invites from anon, authenticated, service_role;
-grant select on table public.api_keys, public.org_invites to service_role;
--- Direct reads for PostgREST clients; writes only through the RPCs above.
-grant select (id, user_id, org_id, kind, name, key_prefix, created_at, last_used_at, expires_at, revoked_at)
-  on table public.api_keys to authenticated;
-grant select (id, org_id, email, role, invited_by, created_at, expires_at, accepted_at, accepted_by, revoked_at)
-  on table public.org_invites to authenticated;
+-- RLS policies -------------------------------------------------------------------------------
 
 create policy api_keys_select_own_or_admin on public.api_keys for select to authenticated
   using (
@@ -816,24 +952,3 @@ create policy api_keys_select_own_or_admin on public.api_keys for select to auth
 create policy org_invites_select_admin on public.org_invites for select to authenticated
   using ((select private.has_role_on_org(org_id, array['admin'])));
 
-revoke all on function
-  public.create_org(text, text), public.get_org(text), public.list_my_orgs(),
-  public.update_org(text, text, text), public.list_members(text), public.set_member_role(text, uuid, text),
-  public.remove_member(text, uuid), public.admin_add_member(text, uuid, text),
-  public.create_invite(text, text, text), public.list_invites(text), public.revoke_invite(text, uuid),
-  public.accept_invite(text), public.create_api_key(text, text, text, timestamptz),
-  public.admin_create_api_key(uuid, text, text, text, timestamptz), public.list_api_keys(),
-  public.revoke_api_key(uuid), public.authenticate_api_key(text), public.resolve_org(text),
-  public.set_default_org(text), public.me()
-  from public, anon;
-grant execute on function
-  public.create_org(text, text), public.get_org(text), public.list_my_orgs(),
-  public.update_org(text, text, text), public.list_members(text), public.set_member_role(text, uuid, text),
-  public.remove_member(text, uuid), public.create_invite(text, text, text), public.list_invites(text),
-  public.revoke_invite(text, uuid), public.accept_invite(text), public.create_api_key(text, text, text, timestamptz),
-  public.list_api_keys(), public.revoke_api_key(uuid), public.resolve_org(text), public.set_default_org(text),
-  public.me()
-  to authenticated;
-grant execute on function public.authenticate_api_key(text), public.admin_add_member(text, uuid, text),
-  public.admin_create_api_key(uuid, text, text, text, timestamptz)
-  to service_role;

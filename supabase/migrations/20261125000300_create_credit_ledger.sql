@@ -14,6 +14,7 @@ create table public.credit_transactions (
   balance_after bigint not null,
   reason text not null,
   idempotency_key text,
+  system_key text,
   metadata jsonb not null default '{}'::jsonb,
   created_at timestamptz not null default now(),
   constraint credit_transactions_amount_nonzero check (amount <> 0),
@@ -21,11 +22,16 @@ create table public.credit_transactions (
   constraint credit_transactions_has_account check (org_id is not null or user_id is not null),
   constraint credit_transactions_reason_format check (reason ~ '^[a-z][a-z0-9_.]{0,39}$'),
   constraint credit_transactions_idempotency_key_length check (length(idempotency_key) between 1 and 200),
+  constraint credit_transactions_system_key_length check (length(system_key) between 1 and 300),
+  constraint credit_transactions_one_key check (idempotency_key is null or system_key is null),
   constraint credit_transactions_metadata_object check (jsonb_typeof(metadata) = 'object')
 );
 create unique index credit_transactions_idempotency_key
   on public.credit_transactions ((coalesce(org_id, user_id)), idempotency_key)
   where idempotency_key is not null;
+create unique index credit_transactions_system_key
+  on public.credit_transactions ((coalesce(org_id, user_id)), system_key)
+  where system_key is not null;
 create index credit_transactions_org_created_idx
   on public.credit_transactions (org_id, created_at desc, id desc) where org_id is not null;
 create index credit_transactions_user_created_idx
@@ -39,7 +45,11 @@ comment on column public.credit_transactions.user_id is
 comment on column public.credit_transactions.service_key_id is 'The org service key that acted (CI), if any.';
 comment on column public.credit_transactions.amount is 'Negative = debit, positive = grant.';
 comment on column public.credit_transactions.idempotency_key is
-  'Unique per account. A replay with the same arguments returns the first result; different arguments: PT409.';
+  'A client''s key (Idempotency-Key), unique per account. A replay with the same arguments returns the first '
+  'result; different arguments: PT409.';
+comment on column public.credit_transactions.system_key is
+  'A key the platform derived (Stripe object id, reversal step, signup), unique per account. A namespace of its '
+  'own: no client key can collide with it.';
 
 alter table public.credit_transactions enable row level security;
 revoke all on table public.credit_transactions from anon, authenticated, service_role;
@@ -82,6 +92,7 @@ begin
   end if;
 end
 $$;
+revoke all on function private.check_credit_args(bigint, text, text, jsonb, bigint) from public, anon, authenticated, service_role;
 
 create function private.tx_json(t public.credit_transactions, p_replayed boolean) returns jsonb
 language plpgsql stable security definer
@@ -100,10 +111,12 @@ begin
     'replayed', p_replayed);
 end
 $$;
+revoke all on function private.tx_json(public.credit_transactions, boolean) from public, anon, authenticated, service_role;
 
--- Returns the earlier row for this account and key, or raises PT409 when it differs.
-create function private.idempotent_replay(p_account uuid, p_key text, p_amount bigint, p_reason text,
-                                          p_metadata jsonb, p_user uuid, p_service_key uuid)
+-- Returns the earlier row for this account and key, or raises PT409 when it differs. Client keys
+-- (p_system = false) and the platform's own keys (p_system = true) are separate namespaces.
+create function private.idempotent_replay(p_account uuid, p_key text, p_system boolean, p_amount bigint,
+                                          p_reason text, p_metadata jsonb, p_user uuid, p_service_key uuid)
 returns public.credit_transactions
 language plpgsql volatile
 set search_path = ''
@@ -115,25 +128,31 @@ begin
     return null;
   end if;
   -- Concurrent calls with one key serialize here; the loser then sees the winner's row.
-  perform pg_advisory_xact_lock(hashtextextended(p_account::text || '/' || p_key, 0));
-  select * into v_prev from public.credit_transactions t
-  where coalesce(t.org_id, t.user_id) = p_account and t.idempotency_key = p_key;
+  perform pg_advisory_xact_lock(hashtextextended(
+    p_account::text || case when p_system then '/system/' else '/client/' end || p_key, 0));
+  if p_system then
+    select * into v_prev from public.credit_transactions t
+    where coalesce(t.org_id, t.user_id) = p_account and t.system_key = p_key;
+  else
+    select * into v_prev from public.credit_transactions t
+    where coalesce(t.org_id, t.user_id) = p_account and t.idempotency_key = p_key;
+  end if;
   if v_prev.id is null then
     return null;
   end if;
   if v_prev.amount <> p_amount or v_prev.reason <> p_reason or v_prev.metadata <> p_metadata
      or v_prev.user_id is distinct from p_user or v_prev.service_key_id is distinct from p_service_key then
+    -- Only the actor who made the first transaction learns which one it was.
     perform private.err(409, 'idempotency_conflict',
       format('Idempotency key %s was already used with different arguments.', p_key),
-      jsonb_build_object('idempotency_key', p_key, 'transaction_id', v_prev.id));
+      jsonb_build_object('idempotency_key', p_key) || case
+        when v_prev.user_id is not distinct from p_user and v_prev.service_key_id is not distinct from p_service_key
+        then jsonb_build_object('transaction_id', v_prev.id) else '{}'::jsonb end);
   end if;
   return v_prev;
 end
 $$;
-
-revoke all on function private.check_credit_args(bigint, text, text, jsonb, bigint),
-  private.tx_json(public.credit_transactions, boolean),
-  private.idempotent_replay(uuid, text, bigint, text, jsonb, uuid, uuid) from public;
+revoke all on function private.idempotent_replay(uuid, text, boolean, bigint, text, jsonb, uuid, uuid) from public, anon, authenticated, service_role;
 
 -- debit_credits ------------------------------------------------------------------------------
 
@@ -182,7 +201,7 @@ begin
     end if;
   end if;
 
-  v_prev := private.idempotent_replay(coalesce(v_org, v_uid), debit_credits.idempotency_key,
+  v_prev := private.idempotent_replay(coalesce(v_org, v_uid), debit_credits.idempotency_key, false,
                                       -debit_credits.amount, debit_credits.reason, v_meta, v_uid, v_key_id);
   if v_prev.id is not null then
     return private.tx_json(v_prev, true);
@@ -194,6 +213,16 @@ begin
     returning o.credit_balance into v_balance;
     if v_balance is null then
       select o.credit_balance into v_have from public.orgs o where o.id = v_org;
+    else
+      -- The org row is now locked, and membership changes and key revocations take that lock too:
+      -- read the caller's right to spend again, as of now. One of a spend and a concurrent removal
+      -- loses; a removal that committed while this spend waited is seen here.
+      v_role := private.actor_org_role(v_org);
+      if v_role is null or v_role not in ('admin', 'member', 'service') then
+        perform private.err(403, 'cannot_spend',
+          'Your right to spend this org''s credits was withdrawn while the request was in flight.',
+          jsonb_build_object('org_id', v_org, 'role', v_role));
+      end if;
     end if;
   else
     update public.profiles p set credit_balance = p.credit_balance - debit_credits.amount
@@ -228,6 +257,8 @@ comment on function public.debit_credits(bigint, text, text, text, jsonb) is
   'Spend credits: from org (id or slug; admin/member/service key) or, without org, the caller''s personal '
   'balance. PT402 when short, PT403 when not allowed, PT409 on an idempotency key reused with other arguments. '
   'Returns {transaction_id, source, org_id, org_slug, balance, replayed, ...}.';
+revoke all on function public.debit_credits(bigint, text, text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function public.debit_credits(bigint, text, text, text, jsonb) to authenticated;
 
 -- grant_credits ------------------------------------------------------------------------------
 
@@ -244,6 +275,7 @@ declare
   v_prev public.credit_transactions;
   v_tx public.credit_transactions;
 begin
+  perform private.require_backend('grant_credits');
   perform private.check_credit_args(grant_credits.amount, grant_credits.reason, grant_credits.idempotency_key,
                                     v_meta, 100000000);
   if grant_credits.idempotency_key is null then
@@ -259,7 +291,7 @@ begin
     perform private.err(404, 'user_not_found', 'No such user.');
   end if;
 
-  v_prev := private.idempotent_replay(coalesce(v_org, grant_credits.user_id), grant_credits.idempotency_key,
+  v_prev := private.idempotent_replay(coalesce(v_org, grant_credits.user_id), grant_credits.idempotency_key, true,
                                       grant_credits.amount, grant_credits.reason, v_meta,
                                       case when v_org is null then grant_credits.user_id end, null);
   if v_prev.id is not null then
@@ -274,7 +306,7 @@ begin
     where p.id = grant_credits.user_id
     returning p.credit_balance into v_balance;
   end if;
-  insert into public.credit_transactions (org_id, user_id, amount, balance_after, reason, idempotency_key, metadata)
+  insert into public.credit_transactions (org_id, user_id, amount, balance_after, reason, system_key, metadata)
   values (v_org, case when v_org is null then grant_credits.user_id end, grant_credits.amount, v_balance,
           grant_credits.reason, grant_credits.idempotency_key, v_meta)
   returning * into v_tx;
@@ -286,7 +318,10 @@ end
 $$;
 comment on function public.grant_credits(bigint, text, text, uuid, text, jsonb) is
   'Backend only (service_role): add credits to an org or a user (purchase, plan_grant, admin_grant, ...). '
-  'The idempotency key (a Stripe object id, say) makes a repeat a no-op.';
+  'The idempotency key (a Stripe object id, say) makes a repeat a no-op; it is a system key, which no client '
+  'key can collide with.';
+revoke all on function public.grant_credits(bigint, text, text, uuid, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function public.grant_credits(bigint, text, text, uuid, text, jsonb) to service_role;  -- backend only
 
 -- Billing status ---------------------------------------------------------------------------
 
@@ -315,24 +350,32 @@ end
 $$;
 comment on function public.billing_status(text) is
   'What the next consume would draw from: tier, balance, source, org and the personal balance.';
+revoke all on function public.billing_status(text) from public, anon, authenticated, service_role;
+grant execute on function public.billing_status(text) to authenticated;
 
 -- Invariant check ----------------------------------------------------------------------------
 
 create function public.ledger_mismatches() returns table (account_kind text, account_id uuid, balance bigint,
                                                           ledger_sum bigint)
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select 'org', o.id, o.credit_balance, coalesce(sum(t.amount), 0)::bigint
-  from public.orgs o left join public.credit_transactions t on t.org_id = o.id
-  group by o.id having o.credit_balance <> coalesce(sum(t.amount), 0)
-  union all
-  select 'user', p.id, p.credit_balance, coalesce(sum(t.amount), 0)::bigint
-  from public.profiles p left join public.credit_transactions t on t.user_id = p.id and t.org_id is null
-  group by p.id having p.credit_balance <> coalesce(sum(t.amount), 0)
+begin
+  perform private.require_backend('ledger_mismatches');
+  return query
+    select 'org'::text, o.id, o.credit_balance, coalesce(sum(t.amount), 0)::bigint
+    from public.orgs o left join public.credit_transactions t on t.org_id = o.id
+    group by o.id having o.credit_balance <> coalesce(sum(t.amount), 0)
+    union all
+    select 'user'::text, p.id, p.credit_balance, coalesce(sum(t.amount), 0)::bigint
+    from public.profiles p left join public.credit_transactions t on t.user_id = p.id and t.org_id is null
+    group by p.id having p.credit_balance <> coalesce(sum(t.amount), 0);
+end
 $$;
 comment on function public.ledger_mismatches() is
   'Accounts whose balance differs from the sum of their ledger (should always be empty). Operator only.';
+revoke all on function public.ledger_mismatches() from public, anon, authenticated, service_role;
+grant execute on function public.ledger_mismatches() to service_role;  -- backend only
 
 -- New users' 10 credits are a ledger row; existing balances get an opening row. --------------
 
@@ -347,27 +390,21 @@ begin
   on conflict (id) do nothing
   returning credit_balance into v_balance;
   if v_balance is not null and v_balance > 0 then
-    insert into public.credit_transactions (user_id, amount, balance_after, reason, idempotency_key)
+    insert into public.credit_transactions (user_id, amount, balance_after, reason, system_key)
     values (new.id, v_balance, v_balance, 'signup_bonus', 'signup:' || new.id::text);
   end if;
   return new;
 end
 $$;
+revoke all on function private.handle_new_user() from public, anon, authenticated, service_role;
 
-insert into public.credit_transactions (org_id, amount, balance_after, reason, idempotency_key)
+insert into public.credit_transactions (org_id, amount, balance_after, reason, system_key)
 select o.id, o.credit_balance, o.credit_balance, 'opening_balance', 'opening:' || o.id::text
 from public.orgs o
 where o.credit_balance > 0 and not exists (select 1 from public.credit_transactions t where t.org_id = o.id);
-insert into public.credit_transactions (user_id, amount, balance_after, reason, idempotency_key)
+insert into public.credit_transactions (user_id, amount, balance_after, reason, system_key)
 select p.id, p.credit_balance, p.credit_balance, 'opening_balance', 'opening:' || p.id::text
 from public.profiles p
 where p.credit_balance > 0
   and not exists (select 1 from public.credit_transactions t where t.user_id = p.id and t.org_id is null);
 
-revoke all on function public.debit_credits(bigint, text, text, text, jsonb),
-  public.grant_credits(bigint, text, text, uuid, text, jsonb), public.billing_status(text),
-  public.ledger_mismatches() from public, anon;
-grant execute on function public.debit_credits(bigint, text, text, text, jsonb), public.billing_status(text)
-  to authenticated;
-grant execute on function public.grant_credits(bigint, text, text, uuid, text, jsonb), public.ledger_mismatches()
-  to service_role;

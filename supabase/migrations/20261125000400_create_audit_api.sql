@@ -12,6 +12,24 @@ as $$
 $$;
 comment on function private.platform_event_types() is
   'Event types only the platform writes; clients cannot post them.';
+revoke all on function private.platform_event_types() from public, anon, authenticated, service_role;
+
+create function private.reserved_event_type(p_type text) returns boolean
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  -- A platform type, a variant of one (credits_granted.manual), or any type in a family the platform
+  -- writes or will write (credit_*, member.*, webhook_*, ...): a client event must never pass for one.
+  return p_type = any (private.platform_event_types())
+      or split_part(p_type, '.', 1) = any (private.platform_event_types())
+      or p_type ~ ('^(credit|credits|audit|api_key|member|invite|org|plan|spend_limit|hold|webhook|stripe'
+                   '|subscription|topup|balance|platform|upshift)([._]|$)');
+end
+$$;
+comment on function private.reserved_event_type(text) is
+  'Is this event type reserved for the platform (a platform type, a dotted variant of one, or a reserved family)?';
+revoke all on function private.reserved_event_type(text) from public, anon, authenticated, service_role;
 
 create table public.audit_ingest_keys (
   actor_id uuid not null,
@@ -40,6 +58,7 @@ begin
     jsonb_build_object('field', format('events[%s].%s', p_index, p_field), 'index', p_index));
 end
 $$;
+revoke all on function private.ingest_error(integer, text, integer, text, text) from public, anon, authenticated, service_role;
 
 create function private.check_audit_event(e jsonb, i integer) returns void
 language plpgsql
@@ -59,9 +78,10 @@ begin
   elsif v_type !~ '^[a-z][a-z0-9_.]{0,63}$' then
     perform private.ingest_error(400, 'invalid_event_type', i, 'event_type',
       'must match ^[a-z][a-z0-9_.]{0,63}$.');
-  elsif v_type = any (private.platform_event_types()) then
+  elsif private.reserved_event_type(v_type) then
     perform private.ingest_error(400, 'reserved_event_type', i, 'event_type',
-      format('%s is written by the platform itself and cannot be posted.', v_type));
+      format('%s is reserved: the platform writes its own events (org_*, member_*, credit*, audit_*, api_key_*, '
+             'invite_*, plan_*, ...) and clients cannot post them or variants of them.', v_type));
   end if;
   if jsonb_typeof(e -> 'resource_type') is distinct from 'string'
      or length(e ->> 'resource_type') not between 1 and 64 then
@@ -122,6 +142,7 @@ begin
   end if;
 end
 $$;
+revoke all on function private.check_audit_event(jsonb, integer) from public, anon, authenticated, service_role;
 
 create function public.record_audit_events(events jsonb, org text default null, idempotency_key text default null)
 returns jsonb
@@ -224,6 +245,8 @@ comment on function public.record_audit_events(jsonb, text, text) is
   'Record client events (the upshift CLI''s upgrade / fix / scan_upload, or any a-z0-9_. type that is not a '
   'platform type). Scope: the event''s org_id, else org, else the key''s org, else the default org, else '
   'the caller''s personal log; the caller must be admin or member there. All or nothing.';
+revoke all on function public.record_audit_events(jsonb, text, text) from public, anon, authenticated, service_role;
+grant execute on function public.record_audit_events(jsonb, text, text) to authenticated;
 
 -- Read access ------------------------------------------------------------------------------
 
@@ -266,6 +289,8 @@ end
 $$;
 comment on function public.audit_scope(text) is
   'Check the caller may read an org''s audit log (admin or viewer, Team plan) or their own (no org).';
+revoke all on function public.audit_scope(text) from public, anon, authenticated, service_role;
+grant execute on function public.audit_scope(text) to authenticated;
 
 create function public.record_audit_export(org text default null, format text default 'ndjson',
                                            filters jsonb default '{}') returns jsonb
@@ -284,6 +309,8 @@ end
 $$;
 comment on function public.record_audit_export(text, text, jsonb) is
   'Check export access and record the export itself as an audit event (before the rows are streamed).';
+revoke all on function public.record_audit_export(text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function public.record_audit_export(text, text, jsonb) to authenticated;
 
 create function public.verify_audit_log(org text default null) returns jsonb
 language plpgsql stable security definer
@@ -297,6 +324,8 @@ end
 $$;
 comment on function public.verify_audit_log(text) is
   'Recompute the caller''s (or an org''s, admin/viewer, Team) audit chain: ok, or the first bad sequence number.';
+revoke all on function public.verify_audit_log(text) from public, anon, authenticated, service_role;
+grant execute on function public.verify_audit_log(text) to authenticated;
 
 -- Operator ---------------------------------------------------------------------------------
 
@@ -307,6 +336,7 @@ as $$
 declare
   v_scope uuid;
 begin
+  perform private.require_backend('admin_verify_audit_log');
   if (admin_verify_audit_log.org is null) = (admin_verify_audit_log.user_id is null) then
     perform private.err(400, 'invalid_account', 'Give exactly one of org and user_id.');
   end if;
@@ -316,6 +346,8 @@ begin
 end
 $$;
 comment on function public.admin_verify_audit_log(text, uuid) is 'Operator (service_role): verify any scope''s chain.';
+revoke all on function public.admin_verify_audit_log(text, uuid) from public, anon, authenticated, service_role;
+grant execute on function public.admin_verify_audit_log(text, uuid) to service_role;  -- backend only
 
 create function public.purge_audit_logs(as_of timestamptz default now()) returns jsonb
 language plpgsql volatile security definer
@@ -326,32 +358,44 @@ declare
   v_deleted bigint;
   v_total bigint := 0;
   v_scopes integer := 0;
+  v_as_of timestamptz;
 begin
+  perform private.require_backend('purge_audit_logs');
+  if purge_audit_logs.as_of > clock_timestamp() then
+    perform private.err(400, 'invalid_as_of',
+      'as_of cannot be in the future: a purge never deletes events that are still inside their retention.',
+      '{"field": "as_of"}');
+  end if;
+  v_as_of := coalesce(purge_audit_logs.as_of, now());
   for r in
     select l.scope_id, min(l.created_at) as oldest from public.audit_logs l group by l.scope_id
   loop
-    if r.oldest < purge_audit_logs.as_of - make_interval(days => private.audit_retention_days(r.scope_id)) then
-      v_deleted := private.purge_audit_scope(r.scope_id, purge_audit_logs.as_of);
+    if r.oldest < v_as_of - make_interval(days => private.audit_retention_days(r.scope_id)) then
+      v_deleted := private.purge_audit_scope(r.scope_id, v_as_of);
       if v_deleted > 0 then
         v_total := v_total + v_deleted;
         v_scopes := v_scopes + 1;
       end if;
     end if;
   end loop;
-  return jsonb_build_object('scopes', v_scopes, 'deleted', v_total, 'as_of', purge_audit_logs.as_of);
+  return jsonb_build_object('scopes', v_scopes, 'deleted', v_total, 'as_of', v_as_of);
 end
 $$;
 comment on function public.purge_audit_logs(timestamptz) is
   'Operator (service_role): delete audit rows older than each scope''s retention, keeping a checkpoint so the '
   'remaining chain still verifies.';
+revoke all on function public.purge_audit_logs(timestamptz) from public, anon, authenticated, service_role;
+grant execute on function public.purge_audit_logs(timestamptz) to service_role;  -- backend only
 
 create function public.admin_set_audit_retention(org text, days integer) returns jsonb
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.require_org(admin_set_audit_retention.org);
+  v_org uuid;
 begin
+  perform private.require_backend('admin_set_audit_retention');
+  v_org := private.require_org(admin_set_audit_retention.org);
   if admin_set_audit_retention.days is not null and admin_set_audit_retention.days not between 1 and 3650 then
     perform private.err(400, 'invalid_days', 'days is 1-3650, or null for the plan default.', '{"field": "days"}');
   end if;
@@ -362,14 +406,6 @@ end
 $$;
 comment on function public.admin_set_audit_retention(text, integer) is
   'Operator (service_role): set an org''s audit retention in days (null: by plan).';
+revoke all on function public.admin_set_audit_retention(text, integer) from public, anon, authenticated, service_role;
+grant execute on function public.admin_set_audit_retention(text, integer) to service_role;  -- backend only
 
-revoke all on function private.platform_event_types(), private.ingest_error(integer, text, integer, text, text),
-  private.check_audit_event(jsonb, integer) from public;
-revoke all on function public.record_audit_events(jsonb, text, text), public.audit_scope(text),
-  public.record_audit_export(text, text, jsonb), public.verify_audit_log(text),
-  public.admin_verify_audit_log(text, uuid), public.purge_audit_logs(timestamptz),
-  public.admin_set_audit_retention(text, integer) from public, anon;
-grant execute on function public.record_audit_events(jsonb, text, text), public.audit_scope(text),
-  public.record_audit_export(text, text, jsonb), public.verify_audit_log(text) to authenticated;
-grant execute on function public.admin_verify_audit_log(text, uuid), public.purge_audit_logs(timestamptz),
-  public.admin_set_audit_retention(text, integer) to service_role;

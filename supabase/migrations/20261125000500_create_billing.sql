@@ -16,6 +16,9 @@ create table public.stripe_events (
 );
 comment on table public.stripe_events is
   'Every Stripe webhook event applied (by event id), with what applying it did. A repeat is a no-op.';
+alter table public.stripe_events enable row level security;
+revoke all on table public.stripe_events from anon, authenticated, service_role;
+grant select on table public.stripe_events to service_role;
 
 create table public.stripe_payments (
   payment_key text primary key,
@@ -40,6 +43,9 @@ create table public.stripe_payments (
 );
 comment on table public.stripe_payments is
   'Credit-pack payments (key: payment intent, else checkout session) and how much of them was refunded or disputed.';
+alter table public.stripe_payments enable row level security;
+revoke all on table public.stripe_payments from anon, authenticated, service_role;
+grant select on table public.stripe_payments to service_role;
 
 create table public.subscriptions (
   id text primary key,
@@ -57,14 +63,10 @@ create table public.subscriptions (
 create index subscriptions_org_idx on public.subscriptions (org_id) where org_id is not null;
 create index subscriptions_user_idx on public.subscriptions (user_id) where user_id is not null;
 comment on table public.subscriptions is 'Stripe subscriptions (Pro for a user, Team for an org) as last reported by Stripe.';
-
-alter table public.stripe_events enable row level security;
-alter table public.stripe_payments enable row level security;
 alter table public.subscriptions enable row level security;
-revoke all on table public.stripe_events, public.stripe_payments, public.subscriptions
-  from anon, authenticated, service_role;
-grant select on table public.stripe_events, public.stripe_payments, public.subscriptions to service_role;
-grant select on table public.subscriptions to authenticated;
+revoke all on table public.subscriptions from anon, authenticated, service_role;
+grant select on table public.subscriptions to authenticated, service_role;
+
 create policy subscriptions_select on public.subscriptions for select to authenticated
   using (user_id = (select auth.uid()) or (select private.has_role_on_org(org_id, array['admin', 'viewer'])));
 
@@ -120,6 +122,8 @@ $$;
 comment on function public.begin_checkout(text, text) is
   'Who a checkout is for: credits for the org context (admin) or the caller; pro for the caller; team for an org '
   '(admin). Returns the account and its Stripe customer, if any.';
+revoke all on function public.begin_checkout(text, text) from public, anon, authenticated, service_role;
+grant execute on function public.begin_checkout(text, text) to authenticated;
 
 create function public.set_stripe_customer(account_kind text, account_id uuid, customer_id text) returns text
 language plpgsql volatile security definer
@@ -128,6 +132,7 @@ as $$
 declare
   v text;
 begin
+  perform private.require_backend('set_stripe_customer');
   if set_stripe_customer.customer_id is null or set_stripe_customer.customer_id !~ '^cus_[A-Za-z0-9]+$' then
     perform private.err(400, 'invalid_customer', 'customer_id is a Stripe customer id (cus_...).');
   end if;
@@ -146,6 +151,8 @@ end
 $$;
 comment on function public.set_stripe_customer(text, uuid, text) is
   'Backend only: remember an account''s Stripe customer (once); returns the one in use.';
+revoke all on function public.set_stripe_customer(text, uuid, text) from public, anon, authenticated, service_role;
+grant execute on function public.set_stripe_customer(text, uuid, text) to service_role;  -- backend only
 
 -- Applying events --------------------------------------------------------------------------
 
@@ -167,6 +174,7 @@ begin
   end if;
 end
 $$;
+revoke all on function private.stripe_account(jsonb, text) from public, anon, authenticated, service_role;
 
 -- Lock order for every Stripe path: an advisory lock on the Stripe object, then the account row
 -- (FOR UPDATE), then the rows that reference it. Taking the account row first matters: inserting a
@@ -184,6 +192,7 @@ begin
   end if;
 end
 $$;
+revoke all on function private.lock_account(uuid, uuid) from public, anon, authenticated, service_role;
 
 create function private.take_back_credits(p_org uuid, p_user uuid, p_amount bigint, p_key text, p_meta jsonb)
 returns bigint
@@ -207,13 +216,14 @@ begin
     else
       update public.profiles p set credit_balance = p.credit_balance - v_take where p.id = p_user;
     end if;
-    insert into public.credit_transactions (org_id, user_id, amount, balance_after, reason, idempotency_key, metadata)
+    insert into public.credit_transactions (org_id, user_id, amount, balance_after, reason, system_key, metadata)
     values (p_org, case when p_org is null then p_user end, -v_take, v_old - v_take, 'refund', p_key,
             p_meta || jsonb_build_object('requested', p_amount, 'shortfall', p_amount - v_take));
   end if;
   return v_take;
 end
 $$;
+revoke all on function private.take_back_credits(uuid, uuid, bigint, text, jsonb) from public, anon, authenticated, service_role;
 
 create function private.reconcile_payment(p_key text, p_cause text) returns jsonb
 language plpgsql volatile security definer
@@ -254,6 +264,7 @@ begin
   return jsonb_build_object('reconciled', true, 'delta', v_delta, 'taken', v_taken);
 end
 $$;
+revoke all on function private.reconcile_payment(text, text) from public, anon, authenticated, service_role;
 
 create function private.apply_plan(p_org uuid, p_user uuid) returns void
 language plpgsql volatile security definer
@@ -284,6 +295,7 @@ begin
   end if;
 end
 $$;
+revoke all on function private.apply_plan(uuid, uuid) from public, anon, authenticated, service_role;
 
 create function private.stripe_payment_paid(o jsonb, p_config jsonb) returns text
 language plpgsql volatile security definer
@@ -329,6 +341,7 @@ begin
   return 'credits_granted';
 end
 $$;
+revoke all on function private.stripe_payment_paid(jsonb, jsonb) from public, anon, authenticated, service_role;
 
 -- Stripe often sends several events for one subscription within the same second; on a tie the
 -- status later in the lifecycle wins, so delivery order cannot matter.
@@ -339,6 +352,7 @@ as $$
   select case p_status when 'incomplete' then 0 when 'trialing' then 1 when 'active' then 2 when 'paused' then 3
     when 'past_due' then 4 when 'unpaid' then 5 else 6 end  -- canceled, incomplete_expired: final
 $$;
+revoke all on function private.subscription_rank(text) from public, anon, authenticated, service_role;
 
 create function private.stripe_subscription(o jsonb, p_created timestamptz, p_deleted boolean, p_config jsonb)
 returns text
@@ -387,6 +401,7 @@ begin
   return 'subscription_' || v_status;
 end
 $$;
+revoke all on function private.stripe_subscription(jsonb, timestamptz, boolean, jsonb) from public, anon, authenticated, service_role;
 
 create function private.stripe_invoice_paid(o jsonb, p_config jsonb) returns text
 language plpgsql volatile security definer
@@ -429,6 +444,7 @@ begin
   return 'plan_credits_granted';
 end
 $$;
+revoke all on function private.stripe_invoice_paid(jsonb, jsonb) from public, anon, authenticated, service_role;
 
 create function private.stripe_dispute(p_key text, p_dispute_id text, p_closed boolean, p_won boolean) returns text
 language plpgsql volatile security definer
@@ -455,6 +471,7 @@ begin
                                        case when p_closed then 'dispute_closed' else 'dispute' end);
 end
 $$;
+revoke all on function private.stripe_dispute(text, text, boolean, boolean) from public, anon, authenticated, service_role;
 
 create function private.stripe_payment_update(p_key text, p_amount bigint, p_refunded bigint, p_disputed boolean,
                                               p_cause text) returns text
@@ -480,6 +497,7 @@ begin
   return case when (v ->> 'reconciled')::boolean then p_cause || '_applied' else p_cause || '_pending' end;
 end
 $$;
+revoke all on function private.stripe_payment_update(text, bigint, bigint, boolean, text) from public, anon, authenticated, service_role;
 
 create function public.stripe_apply_event(event jsonb, config jsonb) returns jsonb
 language plpgsql volatile security definer
@@ -493,6 +511,7 @@ declare
   v_outcome text;
   v_new boolean;
 begin
+  perform private.require_backend('stripe_apply_event');
   if v_id is null or v_type is null or o is null or jsonb_typeof(o) <> 'object'
      or coalesce(stripe_apply_event.event ->> 'created', '') !~ '^\d+$' then
     perform private.err(400, 'invalid_event', 'Not a Stripe event (id, type, created, data.object).');
@@ -537,14 +556,6 @@ $$;
 comment on function public.stripe_apply_event(jsonb, jsonb) is
   'Backend only: apply one verified Stripe event exactly once (deduplicated by event id). config carries the '
   'server''s pack_credits, plan_credits and price_tiers. Raises on an event it cannot apply yet, so Stripe retries.';
+revoke all on function public.stripe_apply_event(jsonb, jsonb) from public, anon, authenticated, service_role;
+grant execute on function public.stripe_apply_event(jsonb, jsonb) to service_role;  -- backend only
 
-revoke all on function private.stripe_account(jsonb, text), private.take_back_credits(uuid, uuid, bigint, text, jsonb),
-  private.reconcile_payment(text, text), private.apply_plan(uuid, uuid), private.stripe_payment_paid(jsonb, jsonb),
-  private.stripe_subscription(jsonb, timestamptz, boolean, jsonb), private.stripe_invoice_paid(jsonb, jsonb),
-  private.stripe_payment_update(text, bigint, bigint, boolean, text), private.subscription_rank(text),
-  private.stripe_dispute(text, text, boolean, boolean), private.lock_account(uuid, uuid) from public;
-revoke all on function public.begin_checkout(text, text), public.set_stripe_customer(text, uuid, text),
-  public.stripe_apply_event(jsonb, jsonb) from public, anon;
-grant execute on function public.begin_checkout(text, text) to authenticated;
-grant execute on function public.set_stripe_customer(text, uuid, text), public.stripe_apply_event(jsonb, jsonb)
-  to service_role;

@@ -8,6 +8,7 @@ as $$
 declare
   v uuid;
 begin
+  perform private.require_backend('admin_find_user');
   if admin_find_user.email is null or admin_find_user.email !~ '^[^@\s]+@[^@\s]+$' then
     perform private.err(400, 'invalid_email', 'email is not an email address.', '{"field": "email"}');
   end if;
@@ -23,6 +24,8 @@ end
 $$;
 comment on function public.admin_find_user(text, boolean) is
   'Operator: a user''s id by email (create_missing adds the auth.users row, for local development).';
+revoke all on function public.admin_find_user(text, boolean) from public, anon, authenticated, service_role;
+grant execute on function public.admin_find_user(text, boolean) to service_role;  -- backend only
 
 create function public.admin_create_org(name text, slug text, plan text default 'pro', admin_user_id uuid default null)
 returns jsonb
@@ -32,6 +35,7 @@ as $$
 declare
   v_id uuid;
 begin
+  perform private.require_backend('admin_create_org');
   if admin_create_org.plan not in ('pro', 'team') then
     perform private.err(400, 'invalid_plan', 'plan is pro or team.', '{"field": "plan"}');
   end if;
@@ -54,28 +58,38 @@ begin
 end
 $$;
 comment on function public.admin_create_org(text, text, text, uuid) is 'Operator: create an org (optionally with its first admin).';
+revoke all on function public.admin_create_org(text, text, text, uuid) from public, anon, authenticated, service_role;
+grant execute on function public.admin_create_org(text, text, text, uuid) to service_role;  -- backend only
 
 create function public.admin_set_member_role(org text, user_id uuid, role text) returns jsonb
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.require_org(admin_set_member_role.org);
+  v_org uuid;
 begin
+  perform private.require_backend('admin_set_member_role');
+  v_org := private.require_org(admin_set_member_role.org);
   return private.change_member_role(v_org, admin_set_member_role.user_id, admin_set_member_role.role, 'operator');
 end
 $$;
+revoke all on function public.admin_set_member_role(text, uuid, text) from public, anon, authenticated, service_role;
+grant execute on function public.admin_set_member_role(text, uuid, text) to service_role;  -- backend only
 
 create function public.admin_remove_member(org text, user_id uuid) returns jsonb
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.require_org(admin_remove_member.org);
+  v_org uuid;
 begin
+  perform private.require_backend('admin_remove_member');
+  v_org := private.require_org(admin_remove_member.org);
   return private.delete_member(v_org, admin_remove_member.user_id, 'operator');
 end
 $$;
+revoke all on function public.admin_remove_member(text, uuid) from public, anon, authenticated, service_role;
+grant execute on function public.admin_remove_member(text, uuid) to service_role;  -- backend only
 
 create function public.admin_revoke_api_key(key_id uuid) returns jsonb
 language plpgsql volatile security definer
@@ -84,6 +98,10 @@ as $$
 declare
   v_key public.api_keys;
 begin
+  perform private.require_backend('admin_revoke_api_key');
+  perform 1 from public.orgs o
+  where o.id = (select k.org_id from public.api_keys k where k.id = admin_revoke_api_key.key_id and k.kind = 'service')
+  for update;
   update public.api_keys k set revoked_at = coalesce(k.revoked_at, now()) where k.id = admin_revoke_api_key.key_id
   returning * into v_key;
   if v_key.id is null then
@@ -95,15 +113,19 @@ begin
   return private.api_key_json(v_key);
 end
 $$;
+revoke all on function public.admin_revoke_api_key(uuid) from public, anon, authenticated, service_role;
+grant execute on function public.admin_revoke_api_key(uuid) to service_role;  -- backend only
 
 create function public.admin_set_org_plan(org text, plan text) returns jsonb
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  v_org uuid := private.require_org(admin_set_org_plan.org);
+  v_org uuid;
   v_old text;
 begin
+  perform private.require_backend('admin_set_org_plan');
+  v_org := private.require_org(admin_set_org_plan.org);
   if admin_set_org_plan.plan not in ('pro', 'team') then
     perform private.err(400, 'invalid_plan', 'plan is pro or team.', '{"field": "plan"}');
   end if;
@@ -118,10 +140,6 @@ end
 $$;
 comment on function public.admin_set_org_plan(text, text) is
   'Operator: set an org''s plan by hand (a comped account); Stripe subscriptions set it otherwise.';
+revoke all on function public.admin_set_org_plan(text, text) from public, anon, authenticated, service_role;
+grant execute on function public.admin_set_org_plan(text, text) to service_role;  -- backend only
 
-revoke all on function public.admin_find_user(text, boolean), public.admin_create_org(text, text, text, uuid),
-  public.admin_set_member_role(text, uuid, text), public.admin_remove_member(text, uuid),
-  public.admin_revoke_api_key(uuid), public.admin_set_org_plan(text, text) from public, anon;
-grant execute on function public.admin_find_user(text, boolean), public.admin_create_org(text, text, text, uuid),
-  public.admin_set_member_role(text, uuid, text), public.admin_remove_member(text, uuid),
-  public.admin_revoke_api_key(uuid), public.admin_set_org_plan(text, text) to service_role;
