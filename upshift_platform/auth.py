@@ -123,7 +123,7 @@ class Authenticator:
         try:
             claims = jwt.decode(
                 token, key, algorithms=[alg], audience="authenticated",
-                options={"require": ["exp", "sub"]}, leeway=JWT_LEEWAY_SECONDS,
+                options={"require": ["exp", "sub", "role"]}, leeway=JWT_LEEWAY_SECONDS,
             )
         except jwt.ExpiredSignatureError:
             raise unauthenticated("Access token has expired.") from None
@@ -137,9 +137,10 @@ class Authenticator:
             raise unauthenticated("Access token signature is invalid.") from None
         except jwt.PyJWTError:
             raise unauthenticated("Access token is invalid.") from None
-        if claims.get("role", "authenticated") != "authenticated":
+        # Supabase always sets ``role``; a token without one (refused above as a missing claim) or
+        # with any other role (anon, service_role, ...) is not a signed-in user's token.
+        if claims["role"] != "authenticated":
             raise unauthenticated("Access token role must be 'authenticated'.")
-        claims["role"] = "authenticated"
         return claims
 
 
