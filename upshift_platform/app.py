@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from .db import Database
 from .errors import ApiError
-from .http import Router, error_response
+from .http import MAX_BODY_BYTES, Router, error_response
 from .settings import Settings, get_settings
 
 # Which function owns which paths (longest prefix first). Deployed, each function gets its own
@@ -91,6 +91,11 @@ def platform() -> Platform:
 def create_wsgi_app(plat: Platform | None = None) -> flask.Flask:
     """All functions on one port (``upshift-platform serve``)."""
     app = flask.Flask("upshift_platform")
+    # Defence in depth only: the Router enforces MAX_BODY_BYTES itself (Ctx.raw_body), since
+    # functions-framework serves the routers from its own Flask app without this setting. One byte
+    # of slack, because Werkzeug refuses a stream once it *reaches* this limit, and a body of
+    # exactly MAX_BODY_BYTES is allowed.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
     def dispatch(path: str = "") -> Any:

@@ -87,6 +87,19 @@ class Authenticator:
         self.jwks = JwksCache(settings.jwks_url) if settings.jwks_url else None
 
     def credential(self, authorization: str | None) -> Credential:
+        """Parse ``Authorization``: a JWT is fully verified here, an API key is only hashed.
+
+        ``Router.handle`` calls this for every ``auth=True`` route before the handler runs (and so
+        before the body is read): a request with no credential, a malformed one, or a JWT whose
+        signature, expiry, audience or role does not hold is a 401 without its body being read.
+
+        Whether an API key exists and is active is *not* decided here: that lookup runs inside
+        the request's one database transaction in ``session()`` (``authenticate_api_key``), because
+        a separate round trip before every request would cost the hot path (``POST
+        /credits/consume``) a second database call. The consequence is that a well-formed but
+        unknown key gets its body read before it is refused; ``Ctx.raw_body`` caps that at
+        ``MAX_BODY_BYTES``.
+        """
         if not authorization:
             raise unauthenticated("Missing Authorization header (want: Bearer <token>).")
         scheme, _, token = authorization.strip().partition(" ")
@@ -123,7 +136,7 @@ class Authenticator:
         try:
             claims = jwt.decode(
                 token, key, algorithms=[alg], audience="authenticated",
-                options={"require": ["exp", "sub"]}, leeway=JWT_LEEWAY_SECONDS,
+                options={"require": ["exp", "sub", "role"]}, leeway=JWT_LEEWAY_SECONDS,
             )
         except jwt.ExpiredSignatureError:
             raise unauthenticated("Access token has expired.") from None
@@ -137,9 +150,10 @@ class Authenticator:
             raise unauthenticated("Access token signature is invalid.") from None
         except jwt.PyJWTError:
             raise unauthenticated("Access token is invalid.") from None
-        if claims.get("role", "authenticated") != "authenticated":
+        # Supabase always sets ``role``; a token without one (refused above as a missing claim) or
+        # with any other role (anon, service_role, ...) is not a signed-in user's token.
+        if claims["role"] != "authenticated":
             raise unauthenticated("Access token role must be 'authenticated'.")
-        claims["role"] = "authenticated"
         return claims
 
 
@@ -193,9 +207,16 @@ def request_headers(ctx: Ctx) -> dict[str, str]:
 
 @contextmanager
 def session(ctx: Ctx) -> Iterator[tuple[Actor, psycopg.Cursor[Any]]]:
-    """Authenticate the request and open its one transaction, acting as the caller."""
+    """Open the request's one transaction, acting as the caller.
+
+    The credential is the one ``Router.handle`` already checked (``ctx.credential``); the header
+    is parsed here only for a route not declared ``auth=True``. An API key is looked up in this
+    same transaction (see ``Authenticator.credential``): no extra round trip per request.
+    """
     plat = ctx.platform
-    cred = plat.auth.credential(ctx.request.headers.get("Authorization"))
+    cred = ctx.credential
+    if cred is None:
+        cred = ctx.credential = plat.auth.credential(ctx.request.headers.get("Authorization"))
     headers = request_headers(ctx)
     if cred.kind == "jwt":
         with plat.db.request("authenticated", cred.claims, headers) as cur:

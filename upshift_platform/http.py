@@ -2,10 +2,16 @@
 
 Every answer is JSON. Every failure becomes ``{"error": code, "message": ...}`` with a 4xx or
 5xx status in ``Router.handle`` and nowhere else; a 500 never carries a traceback.
+
+Request bodies are untrusted and unbounded on the wire (``Transfer-Encoding: chunked`` has no
+length up front), so they are read in one place only, ``Ctx.raw_body``, which stops at
+``MAX_BODY_BYTES``. On routes declared ``auth=True`` the caller is authenticated before any
+handler runs, so an anonymous request never gets its body read at all.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -13,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
 import psycopg
@@ -22,10 +28,59 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import ApiError, from_database
 
+if TYPE_CHECKING:
+    from .auth import Credential
+
 log = logging.getLogger("upshift.request")
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 MAX_BODY_BYTES = 2 * 1024 * 1024
+READ_CHUNK_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def too_large() -> ApiError:
+    return ApiError(413, "payload_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+
+
+def read_body(request: flask.Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, read from ``request.stream`` in bounded chunks; more than ``limit`` is a 413.
+
+    This relies neither on ``Content-Length`` (a chunked body has none) nor on Flask's
+    ``MAX_CONTENT_LENGTH`` (functions-framework builds its own Flask app without it): at most
+    ``limit`` + 1 bytes are ever buffered, whatever the client sends.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large()
+    stream = request.stream
+    buf = bytearray()
+    while len(buf) <= limit:
+        chunk = _read(stream, min(READ_CHUNK_BYTES, limit + 1 - len(buf)))
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+    raise too_large()
+
+
+def _read(stream: Any, size: int) -> bytes:
+    try:
+        return bytes(stream.read(size))
+    except RequestEntityTooLarge:  # Flask's MAX_CONTENT_LENGTH, where it is set, tripped first
+        raise too_large() from None
+    except Exception as exc:  # whatever the server's stream raises: the client went away or sent a bad chunk
+        log.warning("request body unreadable: %s", type(exc).__name__)
+        raise ApiError(400, "unreadable_body",
+                       f"The request body could not be read ({type(exc).__name__}).") from None
+
+
+def abandon_body(request: flask.Request) -> None:
+    """Once the Router has answered, nobody reads the rest of the body.
+
+    functions-framework registers an ``after_request`` hook that calls ``request.get_data()`` on every
+    non-streamed response ("read the entire request before responding"). Unbounded, that would
+    buffer in memory whatever the Router refused (a 413) or never read (a 401): an empty stream takes
+    the body's place. What the handler read stays available as ``Ctx.raw_body()``.
+    """
+    request.stream = io.BytesIO()
 
 
 @dataclass
@@ -38,9 +93,18 @@ class Ctx:
     params: dict[str, str] = field(default_factory=dict)
     actor_id: str | None = None
     org_id: str | None = None
+    # Set by Router.handle before the handler runs, on routes declared ``auth=True``.
+    credential: Credential | None = None
+    _body: bytes | None = field(default=None, repr=False)
+
+    def raw_body(self) -> bytes:
+        """The request body as bytes (read once, at most ``MAX_BODY_BYTES``; more is a 413)."""
+        if self._body is None:
+            self._body = read_body(self.request)
+        return self._body
 
     def json(self) -> Any:
-        raw = self.request.get_data(cache=True)
+        raw = self.raw_body()
         if not raw:
             return {}
         try:
@@ -137,16 +201,18 @@ class Router:
         rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         ctx = Ctx(request=request, platform=platform, request_id=rid)
         try:
-            if request.content_length and request.content_length > MAX_BODY_BYTES:
-                raise ApiError(413, "payload_too_large",
-                               f"The request body is larger than {MAX_BODY_BYTES} bytes.")
             route, ctx.params = self.match(request.method, request.path)
+            if route.auth:
+                # Before the handler can touch the body: no credential, no body read (401).
+                ctx.credential = platform.auth.credential(request.headers.get("Authorization"))
+            if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+                raise too_large()  # declared too large: refused without reading a byte
             result = route.handler(ctx)
             response = to_response(result)
         except ApiError as exc:
             response = error_response(exc)
         except RequestEntityTooLarge:
-            response = error_response(ApiError(413, "payload_too_large", "The request body is too large."))
+            response = error_response(too_large())
         except psycopg.Error as exc:
             err = from_database(exc)
             if err.status >= 500:
@@ -156,6 +222,7 @@ class Router:
         except Exception:  # the one place that turns a bug into a 500 without a traceback
             log.exception("unhandled error (request %s)", rid)
             response = error_response(ApiError(500, "internal", "Unexpected error.", request_id=rid))
+        abandon_body(request)
         response.headers["X-Request-Id"] = rid
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
         log.info(json.dumps({
