@@ -83,30 +83,27 @@ def diff(got: list[str], want: list[str]) -> str:
                       *(f"- allowed but not reachable: {x}" for x in missing)])
 
 
+def _migrated(server_url: str, profile: str) -> Any:
+    name = f"upshift_test_{RUN_ID}_priv{profile}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'create database "{name}"')
+    url = _with_db(server_url, name)
+    migrate(url, log=lambda _m: None, privileges=profile)
+    yield url
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'drop database if exists "{name}" with (force)')
+
+
 @pytest.fixture(scope="module")
 def db_2026(pg_server_url: str) -> Any:
     """A database migrated under the 2026 profile (no automatic table grants)."""
-    name = f"upshift_test_{RUN_ID}_priv2026"
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'create database "{name}"')
-    url = _with_db(pg_server_url, name)
-    migrate(url, log=lambda _m: None, privileges="2026")
-    yield url
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
+    yield from _migrated(pg_server_url, "2026")
 
 
 @pytest.fixture(scope="module")
 def db_legacy(pg_server_url: str) -> Any:
     """A database migrated under the legacy profile (everything granted by default), whatever the run uses."""
-    name = f"upshift_test_{RUN_ID}_privlegacy"
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'create database "{name}"')
-    url = _with_db(pg_server_url, name)
-    migrate(url, log=lambda _m: None, privileges="legacy")
-    yield url
-    with psycopg.connect(pg_server_url, autocommit=True) as admin:
-        admin.execute(f'drop database if exists "{name}" with (force)')
+    yield from _migrated(pg_server_url, "legacy")
 
 
 def test_compat_reproduces_supabase_default_privileges(db_legacy, db_2026):
