@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections.abc import Iterator
@@ -12,6 +10,7 @@ from typing import Any
 import flask
 import psycopg
 
+from .. import csvsafe
 from .. import cursor as keyset
 from ..auth import request_headers, session
 from ..context import explicit_org
@@ -132,20 +131,6 @@ def query(ctx: Ctx):  # type: ignore[no-untyped-def]
     return {"data": rows, "next_cursor": keyset.encode(rows[-1]["created_at"], rows[-1]["id"]) if more else None}
 
 
-def _csv_line(values: list[Any]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf).writerow(values)
-    return buf.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return "" if value is None else str(value)
-
-
 @router.route("GET", "/api/audit-logs/export", query=AuditExportQuery,
               summary="Stream every matching event as CSV or NDJSON (recorded as an audit_export event)",
               errors=(400, 401, 403))
@@ -162,9 +147,9 @@ def export(ctx: Ctx):  # type: ignore[no-untyped-def]
 
     def generate() -> Iterator[str]:
         if q.format == "csv":
-            yield _csv_line(list(COLUMNS))
+            yield csvsafe.line(COLUMNS)
             for row in rows:
-                yield _csv_line([_cell(row[c]) for c in COLUMNS])
+                yield csvsafe.line(row[c] for c in COLUMNS)
         else:
             for row in rows:
                 yield json.dumps(row, default=str, separators=(",", ":")) + "\n"
