@@ -14,7 +14,6 @@ from functools import lru_cache
 from .signing import AuditSigningKey, SigningKeyError
 
 DEFAULT_PRICES = {"explain": 1, "fix": 3, "audit": 2}
-LOCAL_JWT_SECRET = "upshift-local-development-jwt-secret-not-for-production"  # noqa: S105
 
 
 class SettingsError(RuntimeError):
