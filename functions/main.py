@@ -26,7 +26,7 @@ def stripe_webhook(request: flask.Request) -> flask.Response:
 
 @functions_framework.http
 def audit(request: flask.Request) -> flask.Response:
-    """POST /audit-events, GET /api/audit-logs[/export|/verify]."""
+    """POST /audit-events, GET /api/audit-logs[/export|/verify|/checkpoint|/public-key]."""
     return platform().handle("audit", request)
 
 

@@ -168,6 +168,8 @@ RPCS = {
                             " 'acme')", {"member", "admin"}),
     "audit_scope": ("select public.audit_scope('acme')", {"viewer", "admin"}),
     "verify_audit_log": ("select public.verify_audit_log('acme')", {"viewer", "admin"}),
+    "audit_head": ("select public.audit_head('acme')", {"viewer", "admin"}),
+    "verify_audit_checkpoint": ("select public.verify_audit_checkpoint(0, repeat('0', 64), 'acme')", {"viewer", "admin"}),
     "record_audit_export": ("select public.record_audit_export('acme')", {"viewer", "admin"}),
     "begin_checkout": ("select public.begin_checkout('credits', 'acme')", {"admin"}),
     "create_org": ("select public.create_org('New', 'brand-new')", USERS),

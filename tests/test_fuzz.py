@@ -19,6 +19,7 @@ from tests import stripe_fakes as sf
 from tests.conftest import TEST_JWT_SECRET
 from upshift_platform.app import Platform, create_wsgi_app
 from upshift_platform.settings import Settings, StripeSettings
+from upshift_platform.signing import AuditSigningKey
 
 MAX_EXAMPLES = int(os.environ.get("UPSHIFT_FUZZ_EXAMPLES", "25"))
 CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
@@ -48,7 +49,8 @@ def api(db_url, world, standin):
     stripe_cfg = StripeSettings(secret_key=sf.SECRET_KEY, webhook_secret=sf.WEBHOOK_SECRET, prices=dict(sf.PRICES),
                                 api_base=standin.url)
     plat = Platform(Settings(database_url=db_url, jwt_secret=TEST_JWT_SECRET, pool_max=4,
-                             public_base_url="https://upshift.example", stripe=stripe_cfg))
+                             public_base_url="https://upshift.example", stripe=stripe_cfg,
+                             audit_signing_key=AuditSigningKey.from_seed(b"\x05" * 32)))
     app = create_wsgi_app(plat)
     yield schemathesis.openapi.from_wsgi("/openapi.json", app), {"Authorization": f"Bearer {key}"}
     plat.close()

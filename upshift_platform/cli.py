@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -19,7 +22,11 @@ import psycopg
 from . import embedded
 from .migrate import MigrationError, migrate
 from .paths import project_root
-from .settings import LOCAL_JWT_SECRET
+from .settings import Settings, SettingsError
+from .signing import new_seed_base64
+
+JWT_SECRET_FILE = "jwt-secret"  # noqa: S105 (a file name in .data/, not a secret)
+SIGNING_KEY_FILE = "audit-signing-key"
 
 
 class CliError(Exception):
@@ -120,18 +127,79 @@ def cmd_db_reset(args: argparse.Namespace) -> None:
 # --- serve -----------------------------------------------------------------------------------
 
 
+def local_data_dir() -> Path:
+    """``.data/`` in the checkout (beside the embedded database and the demo keys), created 0700."""
+    path = project_root() / ".data"
+    if not path.is_dir():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.chmod(0o700)  # whatever the umask
+    return path
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(0o600)
+            info(f"{path} was readable by others (mode {mode:o}): now 0600")
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise CliError(f"{path} is empty (delete it and a new one is generated)")
+    return value
+
+
+def local_secret(name: str, generate: Callable[[], str]) -> tuple[str, Path, bool]:
+    """The secret kept in ``.data/<name>`` (mode 0600), generated on first use: (value, path, created)."""
+    path = local_data_dir() / name
+    if path.exists():
+        return _read_secret(path), path, False
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(generate() + "\n")
+        try:
+            os.link(tmp, path)  # all or nothing, and never over a file another process just wrote
+        except FileExistsError:
+            return _read_secret(path), path, False
+    finally:
+        os.unlink(tmp)
+    return _read_secret(path), path, True
+
+
 def local_env(url: str) -> None:
-    """Defaults that make a local server work out of the box."""
+    """``run`` (local development) only: a generated JWT secret and audit signing key, kept in .data/."""
     os.environ.setdefault("DATABASE_URL", url)
     if not os.environ.get("SUPABASE_JWT_SECRET") and not os.environ.get("SUPABASE_URL"):
-        os.environ["SUPABASE_JWT_SECRET"] = LOCAL_JWT_SECRET
-        info("SUPABASE_JWT_SECRET not set: using the local development secret")
+        secret, path, created = local_secret(JWT_SECRET_FILE, lambda: secrets.token_urlsafe(48))
+        os.environ["SUPABASE_JWT_SECRET"] = secret
+        info(f"SUPABASE_JWT_SECRET not set: using the local development secret in {path}"
+             f"{' (generated now)' if created else ''}")
+    if not os.environ.get("UPSHIFT_AUDIT_SIGNING_KEY"):
+        key, path, created = local_secret(SIGNING_KEY_FILE, new_seed_base64)
+        os.environ["UPSHIFT_AUDIT_SIGNING_KEY"] = key
+        info(f"UPSHIFT_AUDIT_SIGNING_KEY not set: using the local development key in {path}"
+             f"{' (generated now)' if created else ''}")
+
+
+def check_settings() -> Settings:
+    """Read the settings as the workers will, so that a bad value stops the command at once."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
-    local_env(database_url(args))
+    if not os.environ.get("SUPABASE_JWT_SECRET") and not os.environ.get("SUPABASE_URL"):
+        raise CliError("serve needs SUPABASE_JWT_SECRET or SUPABASE_URL to verify access tokens "
+                       "(for local development, `upshift-platform run` generates a secret)")
+    os.environ.setdefault("DATABASE_URL", database_url(args))
+    if check_settings().audit_signing_key is None:
+        info("UPSHIFT_AUDIT_SIGNING_KEY not set: audit checkpoints answer 503 signing_not_configured")
     serve(args.host, args.port, workers=args.workers)
 
 
@@ -144,6 +212,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     endpoint = f"http://{args.host}:{args.port}"
     os.environ.setdefault("UPSHIFT_PUBLIC_BASE_URL", endpoint)
     local_env(url)
+    check_settings()
     info("loading the demo data (idempotent)")
     data = demo_data(url, endpoint)
     print(paste_block(data), flush=True)
@@ -173,6 +242,13 @@ def cmd_token(args: argparse.Namespace) -> None:
 
     import jwt
 
+    secret = os.environ.get("SUPABASE_JWT_SECRET")
+    if not secret:
+        path = project_root() / ".data" / JWT_SECRET_FILE
+        if not path.exists():
+            raise CliError(f"no SUPABASE_JWT_SECRET and no {path}: set the secret the server uses, "
+                           "or start `upshift-platform run` once (it generates one)")
+        secret = _read_secret(path)
     url = database_url(args)
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("select id from auth.users where lower(email) = lower(%s)", (args.email,)).fetchone()
@@ -183,7 +259,6 @@ def cmd_token(args: argparse.Namespace) -> None:
                 "insert into auth.users (email) values (%s) returning id", (args.email,)
             ).fetchone()
     assert row is not None
-    secret = os.environ.get("SUPABASE_JWT_SECRET") or LOCAL_JWT_SECRET
     now = int(time.time())
     token = jwt.encode(
         {"sub": str(row[0]), "email": args.email, "role": "authenticated", "aud": "authenticated",
@@ -231,11 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
         p.add_argument("--db-port", type=int, help="embedded database port")
 
-    server_args(add(sub, "serve", cmd_serve, "serve every function on one port (gunicorn)"))
+    server_args(add(sub, "serve", cmd_serve, "serve every function on one port (gunicorn); needs "
+                    "SUPABASE_JWT_SECRET or SUPABASE_URL"))
 
     server_args(add(sub, "run", cmd_run, "start the database, migrate, load the demo and serve everything"))
 
-    p = add(sub, "token", cmd_token, "mint a local HS256 access token for a user (printed last)")
+    p = add(sub, "token", cmd_token, "mint a local HS256 access token for a user (printed last), signed with "
+            "SUPABASE_JWT_SECRET or else the secret `run` keeps in .data/jwt-secret")
     db_target(p)
     p.add_argument("--email", required=True)
     p.add_argument("--create", action="store_true", help="add the auth.users row if missing")

@@ -175,6 +175,36 @@ class AuditExportQuery(Strict):
 
 class AuditVerifyQuery(Strict):
     org_id: str | None = OrgRef
+    checkpoint_seq: int | None = Field(default=None, ge=0, le=2**63 - 1,
+                                       description="A checkpoint's seq (with checkpoint_hash): is its row still there?")
+    checkpoint_hash: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$",
+                                        description="The checkpoint's hash, 64 hex digits (with checkpoint_seq)")
+
+
+class AuditCheckpointQuery(Strict):
+    org_id: str | None = OrgRef
+
+
+class AuditCheckpoint(BaseModel):
+    """A signed statement of an audit log's head; the signature covers the other fields but
+    ``algorithm`` and ``signature`` (see docs/api.md, Checkpoints)."""
+
+    format: Literal["upshift.audit-checkpoint.v1"]
+    scope_id: UUID
+    org_id: UUID | None
+    seq: int = Field(ge=0)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="The head row's hash (hex); zeros for an empty log")
+    signed_at: str = Field(description="RFC 3339, UTC: 2026-11-25T08:13:58Z")
+    key_id: str = Field(description="The first 16 hex digits of sha256(raw public key)")
+    algorithm: Literal["Ed25519"]
+    signature: str = Field(description="base64url (with padding) of the Ed25519 signature of the canonical payload")
+
+
+class AuditPublicKey(BaseModel):
+    key_id: str
+    algorithm: Literal["Ed25519"]
+    public_key: str = Field(description="base64 of the raw 32-byte public key")
+    public_key_pem: str = Field(description="The same key as a PEM SubjectPublicKeyInfo")
 
 
 # --- checkout --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from . import csvsafe
 from .db import act_as, call, connect_kwargs
 
 SERVICE = {"role": "service_role"}
@@ -231,8 +232,6 @@ def audit_tail(args: argparse.Namespace) -> None:
 
 
 def audit_export(args: argparse.Namespace) -> None:
-    import csv
-
     url = _url(args)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     count = 0
@@ -244,14 +243,13 @@ def audit_export(args: argparse.Namespace) -> None:
             with conn.cursor(name="audit_export") as named:
                 named.itersize = 2000
                 named.execute(f"{AUDIT_SELECT} where l.scope_id = %s order by l.seq", (scope,))
-                writer = None
+                header = False
                 for row in named:
                     if args.format == "csv":
-                        if writer is None:
-                            writer = csv.writer(out)
-                            writer.writerow(list(row))
-                        writer.writerow([json.dumps(v) if isinstance(v, dict) else ("" if v is None else v)
-                                         for v in row.values()])
+                        if not header:
+                            out.write(csvsafe.line(row))
+                            header = True
+                        out.write(csvsafe.line(row.values()))  # formula-like cells escaped, as the API does
                     else:
                         out.write(json.dumps(row, default=str, separators=(",", ":")) + "\n")
                     count += 1

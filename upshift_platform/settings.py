@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .signing import AuditSigningKey, SigningKeyError
+
 DEFAULT_PRICES = {"explain": 1, "fix": 3, "audit": 2}
-LOCAL_JWT_SECRET = "upshift-local-development-jwt-secret-not-for-production"  # noqa: S105
 
 
 class SettingsError(RuntimeError):
@@ -110,6 +111,7 @@ class Settings:
     public_base_url: str | None = None
     bonus_multiplier: float = 1.0
     stripe: StripeSettings = field(default_factory=StripeSettings)
+    audit_signing_key: AuditSigningKey | None = None  # unset: the checkpoint endpoints answer 503
 
     @property
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -145,7 +147,17 @@ class Settings:
             public_base_url=(env.get("UPSHIFT_PUBLIC_BASE_URL") or "").rstrip("/") or None,
             stripe=StripeSettings.from_env(env),
             bonus_multiplier=_float(env, "UPSHIFT_BONUS_MULTIPLIER", 1.0),
+            audit_signing_key=_signing_key(env.get("UPSHIFT_AUDIT_SIGNING_KEY")),
         )
+
+
+def _signing_key(raw: str | None) -> AuditSigningKey | None:
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return AuditSigningKey.from_base64(raw)
+    except SigningKeyError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 @lru_cache(maxsize=64)

@@ -1,9 +1,8 @@
-"""The audit function: ingest from the upshift CLI, query, streamed export, chain verification."""
+"""The audit function: ingest from the upshift CLI, query, streamed export, chain verification,
+signed checkpoints of a log's head (so that removing its newest rows is detectable)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from collections.abc import Iterator
@@ -12,13 +11,24 @@ from typing import Any
 import flask
 import psycopg
 
+from .. import csvsafe
 from .. import cursor as keyset
 from ..auth import request_headers, session
 from ..context import explicit_org
 from ..db import call
 from ..errors import ApiError, from_database
 from ..http import Ctx, Router
-from ..models import AuditBatchIn, AuditEventIn, AuditExportQuery, AuditQuery, AuditVerifyQuery
+from ..models import (
+    AuditBatchIn,
+    AuditCheckpoint,
+    AuditCheckpointQuery,
+    AuditEventIn,
+    AuditExportQuery,
+    AuditPublicKey,
+    AuditQuery,
+    AuditVerifyQuery,
+)
+from ..signing import AuditSigningKey
 
 router = Router("audit")
 log = logging.getLogger("upshift.audit")
@@ -132,20 +142,6 @@ def query(ctx: Ctx):  # type: ignore[no-untyped-def]
     return {"data": rows, "next_cursor": keyset.encode(rows[-1]["created_at"], rows[-1]["id"]) if more else None}
 
 
-def _csv_line(values: list[Any]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf).writerow(values)
-    return buf.getvalue()
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return "" if value is None else str(value)
-
-
 @router.route("GET", "/api/audit-logs/export", query=AuditExportQuery,
               summary="Stream every matching event as CSV or NDJSON (recorded as an audit_export event)",
               errors=(400, 401, 403))
@@ -162,9 +158,9 @@ def export(ctx: Ctx):  # type: ignore[no-untyped-def]
 
     def generate() -> Iterator[str]:
         if q.format == "csv":
-            yield _csv_line(list(COLUMNS))
+            yield csvsafe.line(COLUMNS)
             for row in rows:
-                yield _csv_line([_cell(row[c]) for c in COLUMNS])
+                yield csvsafe.line(row[c] for c in COLUMNS)
         else:
             for row in rows:
                 yield json.dumps(row, default=str, separators=(",", ":")) + "\n"
@@ -177,9 +173,42 @@ def export(ctx: Ctx):  # type: ignore[no-untyped-def]
 
 
 @router.route("GET", "/api/audit-logs/verify", query=AuditVerifyQuery,
-              summary="Recompute the hash chain: ok, or the first broken or missing sequence number",
+              summary="Recompute the hash chain: ok, or the first broken or missing sequence number; with "
+                      "checkpoint_seq and checkpoint_hash, also whether the log still holds that checkpoint's row",
               errors=(400, 401, 403))
 def verify(ctx: Ctx):  # type: ignore[no-untyped-def]
     q = ctx.query(AuditVerifyQuery)
     with session(ctx) as (_actor, cur):
-        return call(cur, "verify_audit_log", org=q.org_id)
+        if q.checkpoint_seq is None and q.checkpoint_hash is None:
+            return call(cur, "verify_audit_log", org=q.org_id)
+        # One given without the other is the database's 400 (checkpoint_incomplete).
+        return call(cur, "verify_audit_checkpoint", checkpoint_seq=q.checkpoint_seq,
+                    checkpoint_hash=q.checkpoint_hash, org=q.org_id)
+
+
+def _signing_key(ctx: Ctx) -> AuditSigningKey:
+    key: AuditSigningKey | None = ctx.platform.settings.audit_signing_key
+    if key is None:
+        raise ApiError(503, "signing_not_configured",
+                       "Audit checkpoints are not available: this deployment has no signing key "
+                       "(UPSHIFT_AUDIT_SIGNING_KEY is not set).")
+    return key
+
+
+@router.route("GET", "/api/audit-logs/checkpoint", query=AuditCheckpointQuery, response=AuditCheckpoint,
+              summary="A signed checkpoint of the log's head (org: admin/viewer on the Team plan; else your own)",
+              errors=(400, 401, 403))
+def checkpoint(ctx: Ctx):  # type: ignore[no-untyped-def]
+    key = _signing_key(ctx)
+    q = ctx.query(AuditCheckpointQuery)
+    with session(ctx) as (_actor, cur):
+        head = call(cur, "audit_head", org=q.org_id)
+    if head.get("org_id"):
+        ctx.org_id = str(head["org_id"])
+    return key.sign_checkpoint(head)
+
+
+@router.route("GET", "/api/audit-logs/public-key", auth=False, response=AuditPublicKey,
+              summary="The Ed25519 public key that checks audit checkpoints (no authentication)")
+def public_key(ctx: Ctx):  # type: ignore[no-untyped-def]
+    return _signing_key(ctx).public_key_json()

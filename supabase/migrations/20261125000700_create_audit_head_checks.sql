@@ -1,0 +1,151 @@
+-- Audit log heads and checkpoint checks: what makes tail truncation detectable.
+--
+-- The hash chain shows that no row inside the log was changed or removed, but a log whose newest
+-- rows were deleted is a shorter chain that still verifies. So a caller takes signed checkpoints
+-- of the head (public.audit_head gives the head; the audit function signs it with a key the
+-- database does not hold) and keeps them outside the platform; later,
+-- public.verify_audit_checkpoint says whether the log still holds that row with that hash.
+-- Access is public.audit_scope's: an org's log for its admins and viewers (Team plan), else the
+-- caller's personal log.
+
+create function public.audit_head(org text default null) returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v_scope jsonb := public.audit_scope(audit_head.org);
+  v_scope_id uuid := (v_scope ->> 'scope_id')::uuid;
+  v_seq bigint;
+  v_hash bytea;
+begin
+  -- Appends are serialised per scope and commit in seq order, so any snapshot holds a prefix of
+  -- the chain: its last row is the head.
+  select l.seq, l.hash into v_seq, v_hash from public.audit_logs l
+  where l.scope_id = v_scope_id order by l.seq desc limit 1;
+  if v_seq is null then
+    -- Empty: the chain starts at the retention checkpoint, or at seq 0 and the zero hash.
+    select c.seq, c.hash into v_seq, v_hash from public.audit_checkpoints c where c.scope_id = v_scope_id;
+  end if;
+  return jsonb_build_object(
+    'scope_id', v_scope_id,
+    'org_id', v_scope -> 'org_id',
+    'seq', coalesce(v_seq, 0),
+    'hash', encode(coalesce(v_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea),
+                   'hex'));
+end
+$$;
+revoke all on function public.audit_head(text) from public, anon, authenticated, service_role;
+grant execute on function public.audit_head(text) to authenticated;
+comment on function public.audit_head(text) is
+  'The head (seq, hex hash) of the caller''s audit log, or an org''s (admin/viewer, Team plan): what a signed '
+  'checkpoint covers. An empty log: the retention checkpoint''s head, else seq 0 and the zero hash.';
+
+create function public.verify_audit_checkpoint(checkpoint_seq bigint, checkpoint_hash text, org text default null)
+returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v_zero constant bytea := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
+  v_scope jsonb;
+  v_scope_id uuid;
+  v_hash bytea;
+  v_cp public.audit_checkpoints;
+  v_row_hash bytea;
+  v_found boolean := false;
+  v_head bigint;
+  v_status text;
+  v_message text;
+  v_check jsonb;
+  v_result jsonb;
+begin
+  if verify_audit_checkpoint.checkpoint_seq is null or verify_audit_checkpoint.checkpoint_hash is null then
+    perform private.err(400, 'checkpoint_incomplete',
+      'Give both checkpoint_seq and checkpoint_hash (or neither, for a plain verification).',
+      jsonb_build_object('field', case when verify_audit_checkpoint.checkpoint_seq is null
+                                       then 'checkpoint_seq' else 'checkpoint_hash' end));
+  end if;
+  if verify_audit_checkpoint.checkpoint_seq < 0 then
+    perform private.err(400, 'invalid_checkpoint_seq', 'checkpoint_seq is a whole number >= 0.',
+                        '{"field": "checkpoint_seq"}');
+  end if;
+  if verify_audit_checkpoint.checkpoint_hash !~ '^[0-9A-Fa-f]{64}$' then
+    perform private.err(400, 'invalid_checkpoint_hash', 'checkpoint_hash is 64 hex digits (a sha256).',
+                        '{"field": "checkpoint_hash"}');
+  end if;
+  v_hash := decode(verify_audit_checkpoint.checkpoint_hash, 'hex');
+  v_scope := public.audit_scope(verify_audit_checkpoint.org);
+  v_scope_id := (v_scope ->> 'scope_id')::uuid;
+  v_result := private.verify_audit_scope(v_scope_id) || jsonb_build_object('org_id', v_scope -> 'org_id');
+  select * into v_cp from public.audit_checkpoints c where c.scope_id = v_scope_id;
+
+  if v_cp.scope_id is not null and verify_audit_checkpoint.checkpoint_seq < v_cp.seq then
+    v_status := 'purged';
+    v_message := format('Checkpoint seq %s is older than the retention purge (rows up to seq %s were deleted at %s): '
+                        'it can no longer be confirmed or refuted.',
+                        verify_audit_checkpoint.checkpoint_seq, v_cp.seq, v_cp.purged_at);
+  else
+    if v_cp.scope_id is not null and verify_audit_checkpoint.checkpoint_seq = v_cp.seq then
+      v_found := true;  -- the row itself was purged; the retention checkpoint kept its hash
+      v_row_hash := v_cp.hash;
+    elsif verify_audit_checkpoint.checkpoint_seq = 0 then
+      v_found := true;  -- the empty log
+      v_row_hash := v_zero;
+    else
+      select l.hash into v_row_hash from public.audit_logs l
+      where l.scope_id = v_scope_id and l.seq = verify_audit_checkpoint.checkpoint_seq;
+      v_found := found;
+    end if;
+    if not v_found then
+      v_status := 'missing';
+      select coalesce(max(l.seq), v_cp.seq, 0) into v_head from public.audit_logs l where l.scope_id = v_scope_id;
+      if v_head < verify_audit_checkpoint.checkpoint_seq then
+        v_message := format('The log no longer holds row %s of the checkpoint: its head is now seq %s, so rows from '
+                            'seq %s on were removed.', verify_audit_checkpoint.checkpoint_seq, v_head, v_head + 1);
+      else
+        v_message := format('The log no longer holds row %s of the checkpoint (its head is seq %s): the row was '
+                            'removed.', verify_audit_checkpoint.checkpoint_seq, v_head);
+      end if;
+    elsif v_row_hash <> v_hash then
+      v_status := 'mismatch';
+      v_message := format('Row %s no longer has the checkpoint''s hash: it was changed or replaced after the '
+                          'checkpoint was taken.', verify_audit_checkpoint.checkpoint_seq);
+    else
+      v_status := 'confirmed';
+      v_message := format('The log still holds row %s with the checkpoint''s hash.',
+                          verify_audit_checkpoint.checkpoint_seq);
+    end if;
+  end if;
+
+  v_check := jsonb_build_object('status', v_status, 'seq', verify_audit_checkpoint.checkpoint_seq,
+                                'hash', lower(verify_audit_checkpoint.checkpoint_hash), 'message', v_message);
+  if v_status = 'purged' then
+    v_check := v_check || jsonb_build_object('purged_through', v_cp.seq, 'purged_at', v_cp.purged_at);
+  elsif v_status = 'mismatch' then
+    v_check := v_check || jsonb_build_object('found_hash', encode(v_row_hash, 'hex'));
+  end if;
+  -- verify_audit_scope's "checkpoint" is the retention checkpoint; here "checkpoint" is the caller's.
+  v_result := (v_result - 'checkpoint')
+    || jsonb_build_object('retention_checkpoint', v_result -> 'checkpoint', 'checkpoint', v_check);
+  if v_status in ('missing', 'mismatch') then
+    if (v_result ->> 'ok')::boolean then
+      v_result := v_result || jsonb_build_object('first_bad_seq',
+        case when v_status = 'missing' then least(v_head + 1, verify_audit_checkpoint.checkpoint_seq)
+             else verify_audit_checkpoint.checkpoint_seq end);
+    else
+      -- The chain is broken as well: its finding stays, under chain_reason / chain_message.
+      v_result := v_result || jsonb_build_object('chain_reason', v_result -> 'reason',
+                                                 'chain_message', v_result -> 'message');
+    end if;
+    v_result := v_result || jsonb_build_object('ok', false, 'reason', 'checkpoint_' || v_status,
+                                               'message', v_message);
+  end if;
+  return v_result;
+end
+$$;
+revoke all on function public.verify_audit_checkpoint(bigint, text, text) from public, anon, authenticated, service_role;
+grant execute on function public.verify_audit_checkpoint(bigint, text, text) to authenticated;
+comment on function public.verify_audit_checkpoint(bigint, text, text) is
+  'Verify the caller''s (or an org''s, admin/viewer, Team) audit chain and that it still holds the checkpoint row '
+  '(seq, hex hash) taken earlier: ok false with reason checkpoint_missing / checkpoint_mismatch when rows at or after '
+  'it were removed or changed; a checkpoint older than the retention purge is reported as purged.';
