@@ -123,17 +123,9 @@ class World:
         return org_id
 
     def set_org_balance(self, org_id: str, balance: int) -> None:
-        """Give an org credits the way the platform does (through the ledger when it exists)."""
-        has_grant = self.conn.execute(
-            "select to_regprocedure('public.grant_credits(bigint,text,text,uuid,text,jsonb)') is not null as ok"
-        ).fetchone()
-        if has_grant and has_grant["ok"]:
-            self.conn.execute(
-                "select public.grant_credits(%s, 'admin_grant', %s, null, %s)",
-                (balance, org_id, f"test-{uuid.uuid4().hex}"),
-            )
-        else:
-            self.conn.execute("update public.orgs set credit_balance = %s where id = %s", (balance, org_id))
+        """Give an org credits the way the platform does: a grant through the ledger."""
+        self.conn.execute("select public.grant_credits(%s, 'admin_grant', %s, null, %s)",
+                          (balance, org_id, f"test-{uuid.uuid4().hex}"))
 
     def key(self, user_id: str, *, kind: str = "personal", org: str | None = None,
             expires_at: str | None = None, name: str = "test key") -> dict[str, Any]:

@@ -32,7 +32,7 @@ def world_state(world, conn):
     with acting_as(conn, "authenticated", {"sub": member, "role": "authenticated"}, commit=True) as cur:
         cur.execute("select public.debit_credits(1, 'explain', 'acme')")
     conn.execute("insert into public.audit_checkpoints (scope_id, seq, hash) values (%s, 0, '\\x00')", (acme,))
-    conn.execute("insert into public.subscriptions (id, org_id, tier, status, last_event_at)"
+    conn.execute("insert into public.subscriptions (id, account_id, tier, status, last_event_at)"
                  " values ('sub_acme', %s, 'team', 'active', now())", (acme,))
     ids = {"anon": None, "nonmember": nonmember, "member": member, "viewer": viewer, "admin": admin,
            "other_admin": other_admin, "other_ci": None}
@@ -63,6 +63,7 @@ def attempt(conn, actor, state, sql, params) -> bool:
 # --- tables ----------------------------------------------------------------------------------
 
 NOBODY: set[str] = set()
+USERS_AND_CI = {"read": {"nonmember", "member", "viewer", "admin", "other_admin", "other_ci"}}
 TABLES = {
     # table: (read sql, {op: allowed actors})
     "orgs": ("select count(*) as n from public.orgs where id = %(acme)s",
@@ -73,17 +74,20 @@ TABLES = {
                  {"read": {"member"}}),
     "api_keys": ("select count(*) as n from public.api_keys where id = %(acme_ci)s", {"read": {"admin"}}),
     "org_invites": ("select count(*) as n from public.org_invites where id = %(invite)s", {"read": {"admin"}}),
-    "credit_transactions": ("select count(*) as n from public.credit_transactions where org_id = %(acme)s",
+    "credit_transactions": ("select count(*) as n from public.credit_transactions where account_id = %(acme)s",
                             {"read": {"member", "viewer", "admin"}}),
     "audit_logs": ("select count(*) as n from public.audit_logs where org_id = %(acme)s",
                    {"read": {"viewer", "admin"}}),
     "audit_checkpoints": ("select count(*) as n from public.audit_checkpoints where scope_id = %(acme)s",
                           {"read": {"viewer", "admin"}}),
-    "subscriptions": ("select count(*) as n from public.subscriptions where org_id = %(acme)s",
+    "subscriptions": ("select count(*) as n from public.subscriptions where account_id = %(acme)s",
                       {"read": {"viewer", "admin"}}),
     "audit_ingest_keys": ("select count(*) as n from public.audit_ingest_keys", {}),
     "stripe_events": ("select count(*) as n from public.stripe_events", {}),
     "stripe_payments": ("select count(*) as n from public.stripe_payments", {}),
+    "credit_accounts": ("select count(*) as n from public.credit_accounts where id = %(acme)s",
+                        {"read": {"member", "viewer", "admin"}}),
+    "credit_prices": ("select count(*) as n from public.credit_prices", USERS_AND_CI),
 }
 WRITES = {
     "orgs": {"insert": "insert into public.orgs (slug, name) values ('x-new', 'X')",
@@ -102,10 +106,10 @@ WRITES = {
     "org_invites": {"insert": "insert into public.org_invites (org_id, email, role, token_hash) values (%(acme)s, 'a@b.c', 'admin', 'h')",
                     "update": "update public.org_invites set role = 'admin' where id = %(invite)s",
                     "delete": "delete from public.org_invites where id = %(invite)s"},
-    "credit_transactions": {"insert": "insert into public.credit_transactions (org_id, amount, balance_after, reason)"
+    "credit_transactions": {"insert": "insert into public.credit_transactions (account_id, amount, balance_after, reason)"
                                       " values (%(acme)s, 1000, 1000, 'x')",
-                            "update": "update public.credit_transactions set amount = 1 where org_id = %(acme)s",
-                            "delete": "delete from public.credit_transactions where org_id = %(acme)s"},
+                            "update": "update public.credit_transactions set amount = 1 where account_id = %(acme)s",
+                            "delete": "delete from public.credit_transactions where account_id = %(acme)s"},
     "audit_logs": {"insert": "insert into public.audit_logs (scope_id, seq, actor_kind, event_type, resource_type,"
                              " created_at, prev_hash, hash) values (%(acme)s, 999, 'system', 'x', 'y', now(), '\\x00', '\\x00')",
                    "update": "update public.audit_logs set metadata = '{}' where org_id = %(acme)s",
@@ -113,16 +117,22 @@ WRITES = {
     "audit_checkpoints": {"insert": "insert into public.audit_checkpoints (scope_id, seq, hash) values (gen_random_uuid(), 1, '\\x00')",
                           "update": "update public.audit_checkpoints set seq = 5 where scope_id = %(acme)s",
                           "delete": "delete from public.audit_checkpoints where scope_id = %(acme)s"},
-    "subscriptions": {"insert": "insert into public.subscriptions (id, org_id, tier, status, last_event_at)"
+    "subscriptions": {"insert": "insert into public.subscriptions (id, account_id, tier, status, last_event_at)"
                                 " values ('sub_x', %(acme)s, 'team', 'active', now())",
-                      "update": "update public.subscriptions set status = 'canceled' where org_id = %(acme)s",
-                      "delete": "delete from public.subscriptions where org_id = %(acme)s"},
+                      "update": "update public.subscriptions set status = 'canceled' where account_id = %(acme)s",
+                      "delete": "delete from public.subscriptions where account_id = %(acme)s"},
     "audit_ingest_keys": {"insert": "insert into public.audit_ingest_keys values (gen_random_uuid(), 'k', 'h', '{}')",
                           "update": "update public.audit_ingest_keys set result = '{}'",
                           "delete": "delete from public.audit_ingest_keys"},
     "stripe_events": {"insert": "insert into public.stripe_events (id, type, created, payload) values ('evt', 't', now(), '{}')",
                       "update": "update public.stripe_events set outcome = 'x'",
                       "delete": "delete from public.stripe_events"},
+    "credit_accounts": {"insert": "insert into public.credit_accounts (id) values (gen_random_uuid())",
+                        "update": "update public.credit_accounts set balance = balance + 1000 where id = %(acme)s",
+                        "delete": "delete from public.credit_accounts where id = %(acme)s"},
+    "credit_prices": {"insert": "insert into public.credit_prices (action, credits) values ('free', 1)",
+                      "update": "update public.credit_prices set credits = 1",
+                      "delete": "delete from public.credit_prices"},
     "stripe_payments": {"insert": "insert into public.stripe_payments (payment_key) values ('pi_x')",
                         "update": "update public.stripe_payments set credits_reversed = 0",
                         "delete": "delete from public.stripe_payments"},
@@ -168,6 +178,7 @@ RPCS = {
                             " 'acme')", {"member", "admin"}),
     "audit_scope": ("select public.audit_scope('acme')", {"viewer", "admin"}),
     "verify_audit_log": ("select public.verify_audit_log('acme')", {"viewer", "admin"}),
+    "list_credit_transactions": ("select public.list_credit_transactions('acme')", {"member", "viewer", "admin"}),
     "audit_head": ("select public.audit_head('acme')", {"viewer", "admin"}),
     "verify_audit_checkpoint": ("select public.verify_audit_checkpoint(0, repeat('0', 64), 'acme')", {"viewer", "admin"}),
     "record_audit_export": ("select public.record_audit_export('acme')", {"viewer", "admin"}),
@@ -183,7 +194,7 @@ BACKEND_ONLY = [
     "grant_credits", "authenticate_api_key", "ledger_mismatches", "set_stripe_customer", "stripe_apply_event",
     "purge_audit_logs", "admin_add_member", "admin_create_api_key", "admin_find_user", "admin_create_org",
     "admin_set_member_role", "admin_remove_member", "admin_revoke_api_key", "admin_set_org_plan",
-    "admin_verify_audit_log", "admin_set_audit_retention",
+    "admin_verify_audit_log", "admin_set_audit_retention", "admin_get_org", "admin_set_prices",
 ]
 
 

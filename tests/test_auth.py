@@ -308,7 +308,7 @@ def test_keys_cannot_reach_another_orgs_pool_or_log(client, world, conn, attack,
     conn.execute("update public.api_keys set revoked_at = now() where key_prefix = %s", (keys["revoked_key"][:12],))
     conn.execute("update public.api_keys set expires_at = now() - interval '1 s' where key_prefix = %s",
                  (keys["expired_key"][:12],))
-    before = conn.execute("select (select credit_balance from public.orgs where id = %s) as b,"
+    before = conn.execute("select (select balance as credit_balance from public.credit_accounts where id = %s) as b,"
                           " (select count(*) from public.audit_logs where org_id = %s) as a", (acme, acme)).fetchone()
     if endpoint == "consume":
         resp = client.post("/credits/consume", json={"action": "explain", "count": 1, "org_id": "acme"},
@@ -317,6 +317,6 @@ def test_keys_cannot_reach_another_orgs_pool_or_log(client, world, conn, attack,
         resp = client.post("/audit-events", json={"event_type": "deploy", "resource_type": "app", "org_id": "acme"},
                            headers=bearer(keys[attack]))
     assert resp.status_code == status and resp.get_json()["error"] == code
-    after = conn.execute("select (select credit_balance from public.orgs where id = %s) as b,"
+    after = conn.execute("select (select balance as credit_balance from public.credit_accounts where id = %s) as b,"
                          " (select count(*) from public.audit_logs where org_id = %s) as a", (acme, acme)).fetchone()
     assert after == before

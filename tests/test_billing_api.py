@@ -76,7 +76,7 @@ def test_explicit_org_header_and_body(client, acme, world):
 def test_viewer_cannot_spend(client, acme, conn):
     r = consume(client, acme["viewer_key"], {"action": "explain", "count": 1})
     assert r.status_code == 403 and r.get_json()["error"] == "cannot_spend"
-    assert conn.execute("select credit_balance from public.profiles where id = %s",
+    assert conn.execute("select balance as credit_balance from public.credit_accounts where id = %s",
                         (acme["viewer"],)).fetchone()["credit_balance"] == 10
 
 

@@ -92,7 +92,7 @@ def acme(world) -> dict[str, Any]:
 
 
 def org_balance(conn, org: str) -> int:
-    return conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()["credit_balance"]
+    return conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (org,)).fetchone()["credit_balance"]
 
 
 @pytest.fixture

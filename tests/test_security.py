@@ -39,9 +39,9 @@ def victim(world, conn):
 def snapshot(conn) -> dict[str, Any]:
     one = conn.execute
     return {
-        "orgs": one("select id, plan, credit_balance from public.orgs order by id").fetchall(),
+        "orgs": one("select o.id, o.plan, a.balance as credit_balance from public.orgs o join public.credit_accounts a on a.id = o.id order by o.id").fetchall(),
         "members": one("select org_id, user_id, role from public.org_members order by 1, 2").fetchall(),
-        "profiles": one("select id, plan, credit_balance from public.profiles order by id").fetchall(),
+        "profiles": one("select p.id, p.plan, a.balance as credit_balance from public.profiles p join public.credit_accounts a on a.id = p.id order by p.id").fetchall(),
         "ledger": one("select count(*) as n from public.credit_transactions").fetchone()["n"],
         "audit": one("select count(*) as n from public.audit_logs").fetchone()["n"],
         "stripe": one("select count(*) as n from public.stripe_events").fetchone()["n"],
@@ -139,13 +139,13 @@ def test_client_keys_cannot_collide_with_system_keys(conn, world, key):
     buyer = world.user("buyer@x.test")
     key = key.format(me=buyer)
     _apply(conn, sf.checkout_completed("cs_buy", "user", buyer, credits=100, payment_intent="pi_buy"))
-    assert conn.execute("select credit_balance from public.profiles where id = %s", (buyer,)).fetchone()[
+    assert conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (buyer,)).fetchone()[
         "credit_balance"] == 110  # 10 signup credits + 100 bought
     with acting_as(conn, "authenticated", {"role": "authenticated", "sub": buyer}, commit=True) as cur:
         cur.execute("select public.debit_credits(1, 'explain', null, %s)", (key,))
     result = _apply(conn, sf.dispute("charge.dispute.created", "dp_buy", "pi_buy"))
     assert result["outcome"] == "dispute_applied"
-    balance = conn.execute("select credit_balance from public.profiles where id = %s", (buyer,)).fetchone()
+    balance = conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (buyer,)).fetchone()
     assert balance["credit_balance"] == 9  # the 100 disputed credits are taken back
     assert conn.execute("select * from public.ledger_mismatches()").fetchall() == []
 
@@ -250,7 +250,7 @@ def test_a_member_removed_during_a_spend_cannot_spend_after(db_url, conn, world,
                             "select public.debit_credits(1, 'explain', 'acme') as r", {"m": member})
     assert "error" in outcome, f"spent after losing the right: {outcome.get('result')}"
     assert outcome["error"].diag.sqlstate == "PT403"
-    assert conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()[
+    assert conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (org,)).fetchone()[
         "credit_balance"] == 50
 
 

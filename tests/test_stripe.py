@@ -60,8 +60,8 @@ def deliver(client, payload, **kw):
 
 def balance(conn, org=None, user=None):
     if org:
-        return conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()["credit_balance"]
-    return conn.execute("select credit_balance from public.profiles where id = %s", (user,)).fetchone()["credit_balance"]
+        return conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (org,)).fetchone()["credit_balance"]
+    return conn.execute("select balance as credit_balance from public.credit_accounts where id = %s", (user,)).fetchone()["credit_balance"]
 
 
 def assert_invariant(conn):
@@ -99,7 +99,7 @@ def test_cli_buy_credits_for_org_as_admin(client, standin, acme, conn):
     assert p["cancel_url"] == "https://upshift.example/billing/cancel"
     # The token the CLI repeats in the body went nowhere.
     assert acme["admin_key"] not in json.dumps(standin.requests)
-    stored = conn.execute("select stripe_customer_id from public.orgs where id = %s", (acme["org"],)).fetchone()
+    stored = conn.execute("select stripe_customer_id from public.credit_accounts where id = %s", (acme["org"],)).fetchone()
     assert stored["stripe_customer_id"] == p["customer"]
     # A second purchase reuses the customer.
     client.post("/billing/checkout/credits", json={"pack": "small"}, headers=bearer(acme["admin_key"]))

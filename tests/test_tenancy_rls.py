@@ -66,11 +66,11 @@ def test_only_admin_renames_org(as_role, conn, two_orgs):
     [
         pytest.param("bob", "update public.org_members set role = 'admin' where user_id = %(bob)s",
                      id="member_raises_own_role"),
-        pytest.param("alice", "update public.orgs set credit_balance = 1000000 where id = %(acme)s",
+        pytest.param("alice", "update public.credit_accounts set balance = 1000000 where id = %(acme)s",
                      id="admin_sets_org_balance"),
         pytest.param("alice", "update public.orgs set plan = 'team' where id = %(acme)s",
                      id="admin_sets_org_plan"),
-        pytest.param("bob", "update public.profiles set credit_balance = 1000 where id = %(bob)s",
+        pytest.param("bob", "update public.credit_accounts set balance = 1000 where id = %(bob)s",
                      id="user_sets_own_balance"),
         pytest.param("bob", "update public.profiles set plan = 'pro' where id = %(bob)s",
                      id="user_sets_own_plan"),
@@ -89,7 +89,7 @@ def test_forbidden_writes_fail_with_42501(as_role, two_orgs, who, sql):
 @pytest.mark.parametrize("role", ["anon", "service_role"])
 def test_no_api_role_writes_balances_directly(as_role, two_orgs, role):
     with as_role(role) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        cur.execute("update public.orgs set credit_balance = 5 where id = %s", (two_orgs["acme"],))
+        cur.execute("update public.credit_accounts set balance = 5 where id = %s", (two_orgs["acme"],))
 
 
 def test_default_org_must_be_one_of_mine(as_role, two_orgs):
@@ -98,7 +98,7 @@ def test_default_org_must_be_one_of_mine(as_role, two_orgs):
         assert str(me["default_org"]["id"]) == two_orgs["acme"]
     with as_role("authenticated", two_orgs["bob"]) as cur, pytest.raises(psycopg.Error) as exc:
         cur.execute("select public.set_default_org(%s)", (two_orgs["other"],))
-    assert exc.value.diag.sqlstate == "PT404"
+    assert exc.value.diag.sqlstate == "PT403"
     with as_role("authenticated", two_orgs["bob"]) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege):
         cur.execute("update public.profiles set default_org_id = %s where id = %s",
                     (two_orgs["acme"], two_orgs["bob"]))

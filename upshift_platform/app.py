@@ -7,6 +7,7 @@ routing by path exactly as the deployed functions' URLs would.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -60,6 +61,20 @@ class Platform:
         )
         self.auth = Authenticator(settings)
         self.routers = build_routers()
+        self._prices_pending = settings.prices is not None
+        self._prices_lock = threading.Lock()
+
+    def apply_prices(self) -> None:
+        """UPSHIFT_PRICES, when set, replaces the credit_prices table once per process (before the first request)."""
+        if not self._prices_pending:
+            return
+        with self._prices_lock:
+            if self._prices_pending:
+                from .db import call
+
+                with self.db.request("service_role") as cur:
+                    call(cur, "admin_set_prices", prices=self.settings.prices, replace_all=True)
+                self._prices_pending = False
 
     def function_for(self, path: str) -> str:
         for prefix, name in PATH_OWNERS:
@@ -68,6 +83,11 @@ class Platform:
         return "orgs"
 
     def handle(self, function: str, request: flask.Request) -> flask.Response:
+        if self._prices_pending:
+            try:
+                self.apply_prices()
+            except Exception:  # the database may be down: the request answers for itself, and we retry next time
+                logging.getLogger("upshift.app").exception("could not apply UPSHIFT_PRICES yet")
         return self.routers[function].handle(self, request)
 
     def close(self) -> None:

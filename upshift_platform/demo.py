@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 
 from .auth import hash_api_key
+from .clikit import database_url, service_tx
 from .db import call
-from .operator import service_tx
 from .paths import project_root
 
 ORG_SLUG = "acme"
@@ -103,7 +103,6 @@ def paste_block(data: dict[str, Any]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .cli import database_url
 
     endpoint = (args.endpoint or os.environ.get("UPSHIFT_PUBLIC_BASE_URL") or "http://127.0.0.1:8080").rstrip("/")
     data = demo_data(database_url(args), endpoint)

@@ -11,37 +11,29 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
 from . import csvsafe
+from .clikit import SERVICE, database_url, emit, service_tx
 from .db import act_as, call, connect_kwargs
-
-SERVICE = {"role": "service_role"}
-
-
-@contextmanager
-def service_tx(url: str) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
-    with psycopg.connect(url, **connect_kwargs()) as conn, conn.transaction(), conn.cursor() as cur:
-        act_as(cur, "service_role", SERVICE)
-        yield cur
 
 
 def _url(args: argparse.Namespace) -> str:
-    from .cli import database_url
-
     return database_url(args)
 
 
 def _emit(args: argparse.Namespace, data: Any, rows: list[dict[str, Any]] | None = None,
           columns: tuple[str, ...] = ()) -> None:
-    from .cli import emit
-
     emit(args, data, rows, columns)
+
+
+def _org(cur: psycopg.Cursor[Any], org: str) -> dict[str, Any]:
+    """An org by id or slug, resolved by the database (private.context), with its balance."""
+    found: dict[str, Any] = call(cur, "admin_get_org", org=org)
+    return found
 
 
 def _user(cur: psycopg.Cursor[Any], email: str, create: bool = False) -> str:
@@ -74,9 +66,9 @@ def orgs_create(args: argparse.Namespace) -> None:
 def orgs_list(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         rows = cur.execute(
-            "select o.id, o.slug, o.name, o.plan, o.credit_balance,"
+            "select o.id, o.slug, o.name, o.plan, a.balance as credit_balance,"
             " (select count(*) from public.org_members m where m.org_id = o.id) as members, o.created_at"
-            " from public.orgs o order by o.slug").fetchall()
+            " from public.orgs o join public.credit_accounts a on a.id = o.id order by o.slug").fetchall()
     _emit(args, rows, rows, ("slug", "name", "plan", "credit_balance", "members", "id"))
 
 
@@ -110,9 +102,8 @@ def members_list(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         rows = cur.execute(
             "select p.email, m.role, m.user_id, m.created_at from public.org_members m"
-            " join public.profiles p on p.id = m.user_id join public.orgs o on o.id = m.org_id"
-            " where o.id::text = %(org)s or o.slug = lower(%(org)s) order by m.created_at",
-            {"org": args.org}).fetchall()
+            " join public.profiles p on p.id = m.user_id where m.org_id = %s order by m.created_at",
+            (_org(cur, args.org)["id"],)).fetchall()
     _emit(args, rows, rows, ("email", "role", "user_id", "created_at"))
 
 
@@ -133,13 +124,13 @@ def keys_create(args: argparse.Namespace) -> None:
 
 def keys_list(args: argparse.Namespace) -> None:
     where, params = ["true"], {}
-    if args.org:
-        where.append("(o.id::text = %(org)s or o.slug = lower(%(org)s))")
-        params["org"] = args.org
     if args.email:
         where.append("lower(p.email) = lower(%(email)s)")
         params["email"] = args.email
     with service_tx(_url(args)) as cur:
+        if args.org:
+            where.append("k.org_id = %(org)s")
+            params["org"] = _org(cur, args.org)["id"]
         rows = cur.execute(
             "select k.id, k.kind, k.name, k.key_prefix as prefix, p.email as owner, o.slug as org, k.created_at,"
             " k.last_used_at, k.expires_at, k.revoked_at from public.api_keys k"
@@ -171,25 +162,23 @@ def credits_balance(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
         if org:
-            row = cur.execute("select o.slug as account, o.plan, o.credit_balance as balance from public.orgs o"
-                              " where o.id::text = %(o)s or o.slug = lower(%(o)s)", {"o": org}).fetchone()
+            found = _org(cur, org)
+            row = {"account": found["slug"], "plan": found["plan"], "balance": found["credit_balance"]}
         else:
-            row = cur.execute("select p.email as account, p.plan, p.credit_balance as balance from public.profiles p"
-                              " where p.id = %s", (user,)).fetchone()
-    if row is None:
-        raise psycopg.errors.RaiseException(f"no such org {org}")
+            row = cur.execute("select p.email as account, p.plan, a.balance from public.profiles p"
+                              " join public.credit_accounts a on a.id = p.id where p.id = %s", (user,)).fetchone()
     _emit(args, row)
 
 
 def credits_history(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
-        cond = ("t.org_id = (select o.id from public.orgs o where o.id::text = %(o)s or o.slug = lower(%(o)s))"
-                if org else "t.org_id is null and t.user_id = %(u)s")
+        account = _org(cur, org)["id"] if org else user
         rows = cur.execute(
-            "select t.created_at, t.amount, t.balance_after, t.reason, t.user_id, t.service_key_id,"
-            f" t.idempotency_key, t.id from public.credit_transactions t where {cond}"
-            " order by t.created_at desc, t.id desc limit %(n)s", {"o": org, "u": user, "n": args.limit}).fetchall()
+            "select t.created_at, t.amount, t.balance_after, t.reason, t.actor_user_id as user_id, t.service_key_id,"
+            " coalesce(t.idempotency_key, t.system_key) as idempotency_key, t.id from public.credit_transactions t"
+            " where t.account_id = %s order by t.created_at desc, t.id desc limit %s",
+            (account, args.limit)).fetchall()
     _emit(args, rows, rows, ("created_at", "amount", "balance_after", "reason", "idempotency_key"))
 
 
@@ -202,13 +191,7 @@ AUDIT_SELECT = ("select l.id, l.seq, l.created_at, l.event_type, l.actor_kind, l
 
 def _scope(cur: psycopg.Cursor[Any], args: argparse.Namespace) -> str:
     org, user = _account(cur, args)
-    if org:
-        row = cur.execute("select id from public.orgs o where o.id::text = %(o)s or o.slug = lower(%(o)s)",
-                          {"o": org}).fetchone()
-        if row is None:
-            raise psycopg.errors.RaiseException(f"no such org {org}")
-        return str(row["id"])
-    return str(user)
+    return str(_org(cur, org)["id"]) if org else str(user)
 
 
 def audit_tail(args: argparse.Namespace) -> None:

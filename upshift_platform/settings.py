@@ -13,8 +13,6 @@ from functools import lru_cache
 
 from .signing import AuditSigningKey, SigningKeyError
 
-DEFAULT_PRICES = {"explain": 1, "fix": 3, "audit": 2}
-
 
 class SettingsError(RuntimeError):
     pass
@@ -43,10 +41,10 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def _prices(raw: str | None) -> dict[str, int]:
-    """``UPSHIFT_PRICES="explain=1,fix=3,audit=2"``."""
+def _prices(raw: str | None) -> dict[str, int] | None:
+    """``UPSHIFT_PRICES="explain=1,fix=3,audit=2"`` (unset: the database's prices stay as they are)."""
     if not raw:
-        return dict(DEFAULT_PRICES)
+        return None
     prices: dict[str, int] = {}
     for item in raw.split(","):
         name, _, value = item.partition("=")
@@ -106,7 +104,8 @@ class Settings:
     pool_min: int = 1
     pool_max: int = 10
     statement_timeout_ms: int = 5000
-    prices: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    # UPSHIFT_PRICES: applied to the credit_prices table when the platform starts; None leaves it as it is.
+    prices: dict[str, int] | None = None
     trusted_proxies: tuple[str, ...] = ()
     public_base_url: str | None = None
     bonus_multiplier: float = 1.0

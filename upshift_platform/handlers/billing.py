@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import flask
-from psycopg.types.json import Jsonb
+import psycopg
 
 from .. import cursor as keyset
 from .. import stripe_billing
 from ..auth import session
-from ..context import explicit_org, resolve
+from ..context import explicit_org
 from ..db import call
-from ..errors import ApiError
+from ..errors import ApiError, from_database
 from ..http import Ctx, Router
 from ..models import (
     BillingStatus,
@@ -39,33 +40,31 @@ def idempotency_key(ctx: Ctx, body_key: str | None) -> str | None:
     return key
 
 
+# debit_credits' arguments as the upshift CLI's body names them (in the errors the database raises).
+CONSUME_FIELDS = {"amount": "count", "reason": "action"}
+
+
+def api_fields(err: ApiError, names: dict[str, str]) -> ApiError:
+    if err.fields.get("field") in names:
+        err.fields["field"] = names[err.fields["field"]]
+    return err
+
+
 @router.route("POST", "/credits/consume", body=Consume, response=ConsumeResult,
               summary="Spend credits for an action (the upshift CLI's call)",
               errors=(400, 401, 402, 403, 409), error_models={402: InsufficientCredits})
 def consume(ctx: Ctx):  # type: ignore[no-untyped-def]
     body = ctx.body(Consume)
-    prices = ctx.platform.settings.prices
-    price = prices.get(body.action)
-    if price is None:
-        known = ", ".join(sorted(prices))
-        raise ApiError(400, "unknown_action", f"Unknown action {body.action!r}; known actions: {known}.",
-                       field="action", known_actions=sorted(prices))
-    if body.count < price:
-        raise ApiError(400, "count_below_price",
-                       f"{body.action} costs {price} credit(s); count {body.count} is below that.",
-                       field="count", price=price)
     key = idempotency_key(ctx, body.idempotency_key)
     with session(ctx) as (_actor, cur):
-        # One statement: the request's org context (explicit, the key's, the default org, or none)
-        # feeds debit_credits, which checks the caller's role there itself.
-        row = cur.execute(
-            "select public.debit_credits(amount => %(amount)s, reason => %(reason)s,"
-            " org => public.resolve_org(%(org)s) ->> 'id', idempotency_key => %(key)s, metadata => %(meta)s)"
-            " as result",
-            {"amount": body.count, "reason": body.action, "org": explicit_org(ctx, body.org_id), "key": key,
-             "meta": Jsonb({"action": body.action, "count": body.count})},
-        ).fetchone()
-    result = row["result"] if row else {}
+        # debit_credits resolves the org context (explicit, the key's, the default org, or none),
+        # checks the price and the caller's role there: the rules are the database's.
+        try:
+            result = call(cur, "debit_credits", amount=body.count, reason=body.action,
+                          org=explicit_org(ctx, body.org_id), idempotency_key=key,
+                          metadata={"action": body.action, "count": body.count})
+        except psycopg.Error as exc:
+            raise api_fields(from_database(exc), CONSUME_FIELDS) from None
     if result.get("org_id"):
         ctx.org_id = str(result["org_id"])
     return {k: result[k] for k in ("balance", "source", "org_id", "org_slug", "transaction_id", "replayed")}
@@ -95,26 +94,13 @@ def status(ctx: Ctx):  # type: ignore[no-untyped-def]
 def transactions(ctx: Ctx):  # type: ignore[no-untyped-def]
     q = ctx.query(TransactionsQuery)
     after = keyset.decode(q.cursor)
-    with session(ctx) as (actor, cur):
-        org = resolve(ctx, cur, explicit_org(ctx, q.org_id))
-        where = ["t.org_id = %(org)s" if org else "t.org_id is null and t.user_id = %(uid)s"]
-        if q.since:
-            where.append("t.created_at >= %(since)s")
-        if q.until:
-            where.append("t.created_at < %(until)s")
-        if after:
-            where.append("(t.created_at, t.id) < (%(after_ts)s, %(after_id)s)")
-        rows = cur.execute(
-            "select t.id, t.org_id, t.user_id, t.service_key_id, t.amount, t.balance_after, t.reason,"
-            " t.idempotency_key, t.metadata, t.created_at from public.credit_transactions t"
-            f" where {' and '.join(where)} order by t.created_at desc, t.id desc limit %(limit)s",
-            {"org": org["id"] if org else None, "uid": actor.user_id, "since": q.since, "until": q.until,
-             "after_ts": after[0] if after else None, "after_id": after[1] if after else None,
-             "limit": q.limit + 1},
-        ).fetchall()
+    with session(ctx) as (_actor, cur):
+        rows = call(cur, "list_credit_transactions", org=explicit_org(ctx, q.org_id), since=q.since, until=q.until,
+                    after_created_at=after[0] if after else None, after_id=after[1] if after else None,
+                    page_size=q.limit + 1)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    next_cursor = keyset.encode(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    next_cursor = keyset.encode(datetime.fromisoformat(rows[-1]["created_at"]), rows[-1]["id"]) if more else None
     return {"data": rows, "next_cursor": next_cursor}
 
 

@@ -1,5 +1,6 @@
--- Audit API: ingest (what the upshift CLI posts), read access, export bookkeeping, chain
--- verification, retention purge.
+-- Audit ingest: the events clients post (the upshift CLI's upgrade / fix / scan_upload, or any
+-- type of their own), checked here field by field, recorded all or nothing, idempotent per actor
+-- and key. Types the platform writes itself (and anything that looks like them) are refused.
 
 create function private.platform_event_types() returns text[]
 language sql immutable
@@ -160,8 +161,6 @@ declare
   v_e jsonb;
   v_org_text text;
   v_last_org_text text := chr(1);
-  v_ctx jsonb;
-  v_role text;
   v_scope uuid;
   v_org uuid;
   v_row public.audit_logs;
@@ -210,14 +209,8 @@ begin
     perform private.check_audit_event(v_e, v_i);
     v_org_text := coalesce(nullif(btrim(v_e ->> 'org_id'), ''), nullif(btrim(record_audit_events.org), ''));
     if v_org_text is distinct from v_last_org_text then
-      v_ctx := public.resolve_org(v_org_text);
-      v_role := v_ctx ->> 'role';
-      if v_ctx is not null and v_role not in ('admin', 'member', 'service') then
-        perform private.err(403, 'cannot_write_audit',
-          format('Your role in org %s (%s) cannot record events.', v_ctx ->> 'slug', v_role),
-          jsonb_build_object('org_id', v_ctx -> 'id', 'role', v_role, 'index', v_i));
-      end if;
-      v_org := (v_ctx ->> 'id')::uuid;
+      v_org := (private.context(v_org_text, array['admin', 'member', 'service'], 'cannot_write_audit',
+                                'record events')).org_id;
       v_scope := coalesce(v_org, v_uid);
       if v_scope is null then
         perform private.err(403, 'org_required', 'A service key records events in its org only.');
@@ -247,165 +240,3 @@ comment on function public.record_audit_events(jsonb, text, text) is
   'the caller''s personal log; the caller must be admin or member there. All or nothing.';
 revoke all on function public.record_audit_events(jsonb, text, text) from public, anon, authenticated, service_role;
 grant execute on function public.record_audit_events(jsonb, text, text) to authenticated;
-
--- Read access ------------------------------------------------------------------------------
-
-create function public.audit_scope(org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
-declare
-  v_uid uuid := (select auth.uid());
-  v_org uuid;
-  v_role text;
-  v_plan text;
-begin
-  if audit_scope.org is null or btrim(audit_scope.org) = '' then
-    if v_uid is null then
-      perform private.err(403, 'user_required', 'Reading audit logs needs a signed-in user.');
-    end if;
-    return jsonb_build_object('scope_id', v_uid, 'org_id', null, 'kind', 'user');
-  end if;
-  v_org := private.find_org(audit_scope.org);
-  v_role := case when v_org is not null then private.actor_org_role(v_org) end;
-  if v_role is null then
-    perform private.err(403, 'org_forbidden',
-      format('You are not a member of org %s (or it does not exist).', audit_scope.org),
-      jsonb_build_object('org', audit_scope.org));
-  end if;
-  if v_role not in ('admin', 'viewer') then
-    perform private.err(403, 'audit_role_required',
-      format('Reading the audit log of org %s needs the admin or viewer role; you are %s.', audit_scope.org, v_role),
-      jsonb_build_object('org', audit_scope.org, 'role', v_role));
-  end if;
-  select o.plan into v_plan from public.orgs o where o.id = v_org;
-  if v_plan <> 'team' then
-    perform private.err(403, 'team_plan_required',
-      format('Org audit logs are a Team plan feature; %s is on the %s plan.', audit_scope.org, v_plan),
-      jsonb_build_object('org', audit_scope.org, 'plan', v_plan));
-  end if;
-  return jsonb_build_object('scope_id', v_org, 'org_id', v_org, 'kind', 'org', 'role', v_role);
-end
-$$;
-comment on function public.audit_scope(text) is
-  'Check the caller may read an org''s audit log (admin or viewer, Team plan) or their own (no org).';
-revoke all on function public.audit_scope(text) from public, anon, authenticated, service_role;
-grant execute on function public.audit_scope(text) to authenticated;
-
-create function public.record_audit_export(org text default null, format text default 'ndjson',
-                                           filters jsonb default '{}') returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
-declare
-  v_scope jsonb := public.audit_scope(record_audit_export.org);
-  v_row public.audit_logs;
-begin
-  v_row := private.audit_append((v_scope ->> 'scope_id')::uuid, (v_scope ->> 'org_id')::uuid, 'audit_export',
-    'audit_log', v_scope ->> 'scope_id',
-    jsonb_build_object('format', record_audit_export.format, 'filters', coalesce(record_audit_export.filters, '{}')));
-  return v_scope || jsonb_build_object('export_event_id', v_row.id, 'export_event_seq', v_row.seq);
-end
-$$;
-comment on function public.record_audit_export(text, text, jsonb) is
-  'Check export access and record the export itself as an audit event (before the rows are streamed).';
-revoke all on function public.record_audit_export(text, text, jsonb) from public, anon, authenticated, service_role;
-grant execute on function public.record_audit_export(text, text, jsonb) to authenticated;
-
-create function public.verify_audit_log(org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
-declare
-  v_scope jsonb := public.audit_scope(verify_audit_log.org);
-begin
-  return private.verify_audit_scope((v_scope ->> 'scope_id')::uuid) || jsonb_build_object('org_id', v_scope -> 'org_id');
-end
-$$;
-comment on function public.verify_audit_log(text) is
-  'Recompute the caller''s (or an org''s, admin/viewer, Team) audit chain: ok, or the first bad sequence number.';
-revoke all on function public.verify_audit_log(text) from public, anon, authenticated, service_role;
-grant execute on function public.verify_audit_log(text) to authenticated;
-
--- Operator ---------------------------------------------------------------------------------
-
-create function public.admin_verify_audit_log(org text default null, user_id uuid default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
-declare
-  v_scope uuid;
-begin
-  perform private.require_backend('admin_verify_audit_log');
-  if (admin_verify_audit_log.org is null) = (admin_verify_audit_log.user_id is null) then
-    perform private.err(400, 'invalid_account', 'Give exactly one of org and user_id.');
-  end if;
-  v_scope := case when admin_verify_audit_log.org is not null then private.require_org(admin_verify_audit_log.org)
-                  else admin_verify_audit_log.user_id end;
-  return private.verify_audit_scope(v_scope);
-end
-$$;
-comment on function public.admin_verify_audit_log(text, uuid) is 'Operator (service_role): verify any scope''s chain.';
-revoke all on function public.admin_verify_audit_log(text, uuid) from public, anon, authenticated, service_role;
-grant execute on function public.admin_verify_audit_log(text, uuid) to service_role;  -- backend only
-
-create function public.purge_audit_logs(as_of timestamptz default now()) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
-declare
-  r record;
-  v_deleted bigint;
-  v_total bigint := 0;
-  v_scopes integer := 0;
-  v_as_of timestamptz;
-begin
-  perform private.require_backend('purge_audit_logs');
-  if purge_audit_logs.as_of > clock_timestamp() then
-    perform private.err(400, 'invalid_as_of',
-      'as_of cannot be in the future: a purge never deletes events that are still inside their retention.',
-      '{"field": "as_of"}');
-  end if;
-  v_as_of := coalesce(purge_audit_logs.as_of, now());
-  for r in
-    select l.scope_id, min(l.created_at) as oldest from public.audit_logs l group by l.scope_id
-  loop
-    if r.oldest < v_as_of - make_interval(days => private.audit_retention_days(r.scope_id)) then
-      v_deleted := private.purge_audit_scope(r.scope_id, v_as_of);
-      if v_deleted > 0 then
-        v_total := v_total + v_deleted;
-        v_scopes := v_scopes + 1;
-      end if;
-    end if;
-  end loop;
-  return jsonb_build_object('scopes', v_scopes, 'deleted', v_total, 'as_of', v_as_of);
-end
-$$;
-comment on function public.purge_audit_logs(timestamptz) is
-  'Operator (service_role): delete audit rows older than each scope''s retention, keeping a checkpoint so the '
-  'remaining chain still verifies.';
-revoke all on function public.purge_audit_logs(timestamptz) from public, anon, authenticated, service_role;
-grant execute on function public.purge_audit_logs(timestamptz) to service_role;  -- backend only
-
-create function public.admin_set_audit_retention(org text, days integer) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
-declare
-  v_org uuid;
-begin
-  perform private.require_backend('admin_set_audit_retention');
-  v_org := private.require_org(admin_set_audit_retention.org);
-  if admin_set_audit_retention.days is not null and admin_set_audit_retention.days not between 1 and 3650 then
-    perform private.err(400, 'invalid_days', 'days is 1-3650, or null for the plan default.', '{"field": "days"}');
-  end if;
-  update public.orgs o set audit_retention_days = admin_set_audit_retention.days where o.id = v_org;
-  return jsonb_build_object('org_id', v_org, 'audit_retention_days', admin_set_audit_retention.days,
-                            'effective_days', private.audit_retention_days(v_org));
-end
-$$;
-comment on function public.admin_set_audit_retention(text, integer) is
-  'Operator (service_role): set an org''s audit retention in days (null: by plan).';
-revoke all on function public.admin_set_audit_retention(text, integer) from public, anon, authenticated, service_role;
-grant execute on function public.admin_set_audit_retention(text, integer) to service_role;  -- backend only
-

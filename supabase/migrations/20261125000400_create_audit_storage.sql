@@ -100,41 +100,6 @@ comment on function private.audit_hash(public.audit_logs) is
   'sha256 over a canonical JSON array of the row''s content and prev_hash.';
 revoke all on function private.audit_hash(public.audit_logs) from public, anon, authenticated, service_role;
 
-create function private.request_ip() returns inet
-language plpgsql stable
-set search_path = ''
-as $$
-declare
-  v text := btrim(split_part(
-    nullif(current_setting('request.headers', true), '')::jsonb ->> 'x-forwarded-for', ',', 1));
-begin
-  if v ~ '^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$' then
-    return v::inet;  -- a valid IPv4 address: no exception block (and no subtransaction) needed
-  end if;
-  if v is null or v !~ '^[0-9A-Fa-f:.]{2,45}$' or position(':' in v) = 0 then
-    return null;
-  end if;
-  begin
-    return v::inet;
-  exception when invalid_text_representation then
-    return null;
-  end;
-end
-$$;
-comment on function private.request_ip() is 'The client address the functions resolved (request.headers x-forwarded-for).';
-revoke all on function private.request_ip() from public, anon, authenticated, service_role;
-
-create function private.request_user_agent() returns text
-language plpgsql stable
-set search_path = ''
-as $$
-begin
-  return left(nullif(current_setting('request.headers', true), '')::jsonb ->> 'user-agent', 512);
-end
-$$;
-comment on function private.request_user_agent() is 'The client''s User-Agent (request.headers), at most 512 characters.';
-revoke all on function private.request_user_agent() from public, anon, authenticated, service_role;
-
 -- Appending --------------------------------------------------------------------------------
 
 create function private.audit_append(p_scope_id uuid, p_org_id uuid, p_event_type text, p_resource_type text,
@@ -196,8 +161,8 @@ begin
       where p.txid = pg_current_xact_id() and p.scope_id = old.scope_id and old.seq <= p.through_seq) then
     return old;  -- private.purge_audit_scope, the retention purge, in this very transaction
   end if;
-  raise exception 'audit_logs is append-only: % is not allowed', tg_op
-    using errcode = 'PT403', detail = '{"error": "append_only"}';
+  perform private.err(403, 'append_only', format('audit_logs is append-only: %s is not allowed', tg_op));
+  return null;
 end
 $$;
 comment on function private.audit_logs_guard() is

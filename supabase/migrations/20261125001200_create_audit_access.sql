@@ -1,12 +1,77 @@
--- Audit log heads and checkpoint checks: what makes tail truncation detectable.
+-- Reading the audit log: who may (private.context: an org's admins and viewers on the Team
+-- plan, or the caller's personal log when the request has no org context), recording exports,
+-- verifying the chain, the head that signed checkpoints cover, and the retention purge.
 --
--- The hash chain shows that no row inside the log was changed or removed, but a log whose newest
--- rows were deleted is a shorter chain that still verifies. So a caller takes signed checkpoints
--- of the head (public.audit_head gives the head; the audit function signs it with a key the
+-- Tail truncation: the hash chain shows that no row inside the log was changed or removed, but a
+-- log whose newest rows were deleted is a shorter chain that still verifies. So a caller takes
+-- signed checkpoints of the head (public.audit_head; the audit function signs it with a key the
 -- database does not hold) and keeps them outside the platform; later,
 -- public.verify_audit_checkpoint says whether the log still holds that row with that hash.
--- Access is public.audit_scope's: an org's log for its admins and viewers (Team plan), else the
--- caller's personal log.
+
+create function public.audit_scope(org text default null) returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  c private.org_context := private.context(audit_scope.org, array['admin', 'viewer'], 'audit_role_required',
+                                           'read its audit log');
+  v_plan text;
+begin
+  if c.org_id is null then
+    if (select auth.uid()) is null then
+      perform private.err(403, 'user_required', 'Reading audit logs needs a signed-in user.');
+    end if;
+    return jsonb_build_object('scope_id', (select auth.uid()), 'org_id', null, 'kind', 'user');
+  end if;
+  select o.plan into v_plan from public.orgs o where o.id = c.org_id;
+  if v_plan <> 'team' then
+    perform private.err(403, 'team_plan_required',
+      format('Org audit logs are a Team plan feature; %s is on the %s plan.', c.slug, v_plan),
+      jsonb_build_object('org', c.slug, 'plan', v_plan));
+  end if;
+  return jsonb_build_object('scope_id', c.org_id, 'org_id', c.org_id, 'kind', 'org', 'role', c.role);
+end
+$$;
+comment on function public.audit_scope(text) is
+  'Check the caller may read the audit log of the request''s org context (admin or viewer, Team plan), or their '
+  'own when there is none.';
+revoke all on function public.audit_scope(text) from public, anon, authenticated, service_role;
+grant execute on function public.audit_scope(text) to authenticated;
+
+create function public.record_audit_export(org text default null, format text default 'ndjson',
+                                           filters jsonb default '{}') returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_scope jsonb := public.audit_scope(record_audit_export.org);
+  v_row public.audit_logs;
+begin
+  v_row := private.audit_append((v_scope ->> 'scope_id')::uuid, (v_scope ->> 'org_id')::uuid, 'audit_export',
+    'audit_log', v_scope ->> 'scope_id',
+    jsonb_build_object('format', record_audit_export.format, 'filters', coalesce(record_audit_export.filters, '{}')));
+  return v_scope || jsonb_build_object('export_event_id', v_row.id, 'export_event_seq', v_row.seq);
+end
+$$;
+comment on function public.record_audit_export(text, text, jsonb) is
+  'Check export access and record the export itself as an audit event (before the rows are streamed).';
+revoke all on function public.record_audit_export(text, text, jsonb) from public, anon, authenticated, service_role;
+grant execute on function public.record_audit_export(text, text, jsonb) to authenticated;
+
+create function public.verify_audit_log(org text default null) returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v_scope jsonb := public.audit_scope(verify_audit_log.org);
+begin
+  return private.verify_audit_scope((v_scope ->> 'scope_id')::uuid) || jsonb_build_object('org_id', v_scope -> 'org_id');
+end
+$$;
+comment on function public.verify_audit_log(text) is
+  'Recompute the caller''s (or an org''s, admin/viewer, Team) audit chain: ok, or the first bad sequence number.';
+revoke all on function public.verify_audit_log(text) from public, anon, authenticated, service_role;
+grant execute on function public.verify_audit_log(text) to authenticated;
 
 create function public.audit_head(org text default null) returns jsonb
 language plpgsql stable security definer
@@ -149,3 +214,41 @@ comment on function public.verify_audit_checkpoint(bigint, text, text) is
   'Verify the caller''s (or an org''s, admin/viewer, Team) audit chain and that it still holds the checkpoint row '
   '(seq, hex hash) taken earlier: ok false with reason checkpoint_missing / checkpoint_mismatch when rows at or after '
   'it were removed or changed; a checkpoint older than the retention purge is reported as purged.';
+
+create function public.purge_audit_logs(as_of timestamptz default now()) returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  r record;
+  v_deleted bigint;
+  v_total bigint := 0;
+  v_scopes integer := 0;
+  v_as_of timestamptz;
+begin
+  perform private.require_backend('purge_audit_logs');
+  if purge_audit_logs.as_of > clock_timestamp() then
+    perform private.err(400, 'invalid_as_of',
+      'as_of cannot be in the future: a purge never deletes events that are still inside their retention.',
+      '{"field": "as_of"}');
+  end if;
+  v_as_of := coalesce(purge_audit_logs.as_of, now());
+  for r in
+    select l.scope_id, min(l.created_at) as oldest from public.audit_logs l group by l.scope_id
+  loop
+    if r.oldest < v_as_of - make_interval(days => private.audit_retention_days(r.scope_id)) then
+      v_deleted := private.purge_audit_scope(r.scope_id, v_as_of);
+      if v_deleted > 0 then
+        v_total := v_total + v_deleted;
+        v_scopes := v_scopes + 1;
+      end if;
+    end if;
+  end loop;
+  return jsonb_build_object('scopes', v_scopes, 'deleted', v_total, 'as_of', v_as_of);
+end
+$$;
+comment on function public.purge_audit_logs(timestamptz) is
+  'Operator (service_role): delete audit rows older than each scope''s retention, keeping a checkpoint so the '
+  'remaining chain still verifies.';
+revoke all on function public.purge_audit_logs(timestamptz) from public, anon, authenticated, service_role;
+grant execute on function public.purge_audit_logs(timestamptz) to service_role;  -- backend only

@@ -1,0 +1,314 @@
+-- The credit ledger: one account model, pgledger-style.
+--
+-- Every balance is a row of credit_accounts: an org's pool (id = the org's id) or a user's
+-- personal credits (id = the user's id). Every change to a balance goes through one function,
+-- private.apply_credit_change, which applies a signed amount with one conditional UPDATE (never
+-- read-then-write), writes the ledger row and the audit event in the same transaction, and makes
+-- a replay with the same idempotency key return the first result. Invariant: for every account,
+-- the sum of its ledger amounts equals its balance, and the balance is never negative.
+
+create table public.credit_accounts (
+  id uuid primary key,
+  org_id uuid references public.orgs (id) on delete restrict,
+  balance bigint not null default 0,
+  stripe_customer_id text,
+  created_at timestamptz not null default now(),
+  constraint credit_accounts_balance_nonnegative check (balance >= 0),
+  constraint credit_accounts_org_is_id check (org_id is null or org_id = id),
+  constraint credit_accounts_stripe_customer_id_key unique (stripe_customer_id)
+);
+comment on table public.credit_accounts is
+  'One credit balance per org (id = org_id = the org''s id) or per user (id = the user''s id, org_id null). '
+  'Changed only by private.apply_credit_change; never negative.';
+comment on column public.credit_accounts.stripe_customer_id is 'The Stripe customer that pays for this account.';
+alter table public.credit_accounts enable row level security;
+revoke all on table public.credit_accounts from anon, authenticated, service_role;
+grant select on table public.credit_accounts to authenticated, service_role;
+create policy credit_accounts_select on public.credit_accounts for select to authenticated
+  using (id = (select auth.uid()) or id in (select private.user_org_ids()));
+
+create table public.credit_prices (
+  action text primary key,
+  credits integer not null,
+  updated_at timestamptz not null default now(),
+  constraint credit_prices_action_format check (action ~ '^[a-z][a-z0-9_.]{0,39}$'),
+  constraint credit_prices_credits_range check (credits between 1 and 1000000)
+);
+comment on table public.credit_prices is
+  'What each action costs (explain, fix, audit, ...). debit_credits refuses an unknown action or less than its '
+  'price. The operator changes it (upshift-platform prices set, or UPSHIFT_PRICES at startup).';
+alter table public.credit_prices enable row level security;
+revoke all on table public.credit_prices from anon, authenticated, service_role;
+grant select on table public.credit_prices to authenticated, service_role;
+create policy credit_prices_select on public.credit_prices for select to authenticated using (true);
+insert into public.credit_prices (action, credits) values ('explain', 1), ('fix', 3), ('audit', 2);
+
+create table public.credit_transactions (
+  id uuid primary key default gen_random_uuid(),
+  account_id uuid not null references public.credit_accounts (id) on delete restrict,
+  actor_user_id uuid,
+  service_key_id uuid references public.api_keys (id) on delete restrict,
+  amount bigint not null,
+  balance_after bigint not null,
+  reason text not null,
+  idempotency_key text,
+  system_key text,
+  metadata jsonb not null default '{}'::jsonb,
+  created_at timestamptz not null default now(),
+  constraint credit_transactions_amount_nonzero check (amount <> 0),
+  constraint credit_transactions_balance_after_nonnegative check (balance_after >= 0),
+  constraint credit_transactions_reason_format check (reason ~ '^[a-z][a-z0-9_.]{0,39}$'),
+  constraint credit_transactions_idempotency_key_length check (length(idempotency_key) between 1 and 200),
+  constraint credit_transactions_system_key_length check (length(system_key) between 1 and 300),
+  constraint credit_transactions_one_key check (idempotency_key is null or system_key is null),
+  constraint credit_transactions_metadata_object check (jsonb_typeof(metadata) = 'object')
+);
+create unique index credit_transactions_idempotency_key on public.credit_transactions (account_id, idempotency_key)
+  where idempotency_key is not null;
+create unique index credit_transactions_system_key on public.credit_transactions (account_id, system_key)
+  where system_key is not null;
+create index credit_transactions_account_created_idx on public.credit_transactions (account_id, created_at desc, id desc);
+comment on table public.credit_transactions is
+  'The credit ledger. Sum of amounts per account = its balance. Written only by private.apply_credit_change.';
+comment on column public.credit_transactions.actor_user_id is
+  'The user who acted (null for a service key or the system). No foreign key: history outlives a deleted user.';
+comment on column public.credit_transactions.service_key_id is 'The org service key that acted (CI), if any.';
+comment on column public.credit_transactions.amount is 'Negative = debit, positive = grant.';
+comment on column public.credit_transactions.idempotency_key is
+  'A client''s key (Idempotency-Key), unique per account. A replay with the same arguments returns the first '
+  'result; different arguments: PT409.';
+comment on column public.credit_transactions.system_key is
+  'A key the platform derived (Stripe object id, reversal step, signup), unique per account. A namespace of its '
+  'own: no client key can collide with it.';
+alter table public.credit_transactions enable row level security;
+revoke all on table public.credit_transactions from anon, authenticated, service_role;
+grant select on table public.credit_transactions to authenticated, service_role;
+-- Personal rows: their owner. An org's rows: its admins and viewers; a member sees the spends they made.
+create policy credit_transactions_select on public.credit_transactions for select to authenticated
+  using (
+    account_id = (select auth.uid())
+    or (select private.has_role_on_org(account_id, array['admin', 'viewer']))
+    or (actor_user_id = (select auth.uid()) and account_id in (select private.user_org_ids()))
+  );
+
+-- Applying a change ----------------------------------------------------------------------------
+
+create function private.check_credit_args(p_amount bigint, p_reason text, p_key text, p_metadata jsonb,
+                                          p_max bigint)
+returns void
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  if p_amount is null or p_amount <= 0 or p_amount > p_max then
+    perform private.err(400, 'invalid_amount', format('amount must be a whole number from 1 to %s.', p_max),
+                        jsonb_build_object('field', 'amount'));
+  end if;
+  if p_reason is null or p_reason !~ '^[a-z][a-z0-9_.]{0,39}$' then
+    perform private.err(400, 'invalid_reason',
+      'reason is 1-40 characters: a lower-case letter, then a-z, 0-9, "_" or ".".',
+      jsonb_build_object('field', 'reason'));
+  end if;
+  if p_key is not null and length(p_key) not between 1 and 200 then
+    perform private.err(400, 'invalid_idempotency_key', 'idempotency_key is 1-200 characters.',
+                        jsonb_build_object('field', 'idempotency_key'));
+  end if;
+  if p_metadata is null or jsonb_typeof(p_metadata) <> 'object' or length(p_metadata::text) > 4096 then
+    perform private.err(400, 'invalid_metadata', 'metadata is a JSON object of at most 4 KB.',
+                        jsonb_build_object('field', 'metadata'));
+  end if;
+end
+$$;
+comment on function private.check_credit_args(bigint, text, text, jsonb, bigint) is
+  'The arguments every money RPC shares: amount 1..p_max, reason format, key length, metadata object <= 4 KB.';
+revoke all on function private.check_credit_args(bigint, text, text, jsonb, bigint)
+  from public, anon, authenticated, service_role;
+
+create function private.tx_json(t public.credit_transactions, p_replayed boolean) returns jsonb
+language plpgsql stable security definer
+set search_path = ''
+as $$
+declare
+  v_slug text := (select o.slug from public.orgs o where o.id = t.account_id);
+begin
+  return jsonb_build_object(
+    'transaction_id', t.id,
+    'source', case when v_slug is null then 'user' else 'org' end,
+    'org_id', case when v_slug is not null then t.account_id end,
+    'org_slug', v_slug,
+    'user_id', case when v_slug is null then t.account_id end,
+    'amount', t.amount,
+    'balance', t.balance_after,
+    'reason', t.reason,
+    'replayed', p_replayed);
+end
+$$;
+comment on function private.tx_json(public.credit_transactions, boolean) is
+  'A ledger row as the money RPCs answer it: {transaction_id, source, org_id, org_slug, balance, replayed, ...}.';
+revoke all on function private.tx_json(public.credit_transactions, boolean) from public, anon, authenticated, service_role;
+
+create function private.apply_credit_change(
+  p_account uuid, p_amount bigint, p_reason text, p_key text, p_system boolean, p_metadata jsonb,
+  p_spend_roles text[] default null, p_partial boolean default false, p_audit boolean default true)
+returns jsonb
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_uid uuid := (select auth.uid());
+  v_key_id uuid := (select s.key_id from private.service_key() s);
+  v_org boolean;
+  v_balance bigint;
+  v_amount bigint := p_amount;
+  v_role text;
+  v_prev public.credit_transactions;
+  v_tx public.credit_transactions;
+begin
+  -- 1. A key seen before returns the first result (client keys and system keys are separate
+  -- namespaces); concurrent calls with one key serialize on the advisory lock.
+  if p_key is not null then
+    perform pg_advisory_xact_lock(hashtextextended(
+      p_account::text || case when p_system then '/system/' else '/client/' end || p_key, 0));
+    if p_system then
+      select * into v_prev from public.credit_transactions t where t.account_id = p_account and t.system_key = p_key;
+    else
+      select * into v_prev from public.credit_transactions t
+      where t.account_id = p_account and t.idempotency_key = p_key;
+    end if;
+    if v_prev.id is not null then
+      -- (A take-back records what it could take: its amount and metadata are not the request's.)
+      if (not p_partial and (v_prev.amount <> p_amount or v_prev.metadata <> p_metadata)) or v_prev.reason <> p_reason
+         or v_prev.actor_user_id is distinct from v_uid or v_prev.service_key_id is distinct from v_key_id then
+        -- Only the actor who made the first transaction learns which one it was.
+        perform private.err(409, 'idempotency_conflict',
+          format('Idempotency key %s was already used with different arguments.', p_key),
+          jsonb_build_object('idempotency_key', p_key) || case
+            when v_prev.actor_user_id is not distinct from v_uid and v_prev.service_key_id is not distinct from v_key_id
+            then jsonb_build_object('transaction_id', v_prev.id) else '{}'::jsonb end);
+      end if;
+      return private.tx_json(v_prev, true);
+    end if;
+  end if;
+
+  -- 2. One conditional UPDATE: the balance never goes below zero.
+  update public.credit_accounts a set balance = a.balance + p_amount
+  where a.id = p_account and a.balance + p_amount >= 0
+  returning a.balance, a.org_id is not null into v_balance, v_org;
+  if v_balance is null then
+    if not p_partial then
+      select a.balance, a.org_id is not null into v_balance, v_org from public.credit_accounts a where a.id = p_account;
+      if v_org is null then
+        perform private.err(404, 'account_not_found', 'No such credit account.',
+                            jsonb_build_object('account_id', p_account));
+      end if;
+      perform private.err(402, 'insufficient_credits',
+        format('%s has %s credits, %s needed.', case when v_org then 'The org' else 'Your personal balance' end,
+               v_balance, -p_amount),
+        jsonb_build_object('balance', v_balance, 'needed', -p_amount, 'source', case when v_org then 'org' else 'user' end,
+                           'org_id', case when v_org then p_account end));
+    end if;
+    -- A take-back (refund, dispute) takes what is there; the caller records any shortfall.
+    select a.balance, a.org_id is not null into v_balance, v_org from public.credit_accounts a
+    where a.id = p_account for update;
+    if v_org is null then
+      perform private.err(404, 'account_not_found', 'No such credit account.', jsonb_build_object('account_id', p_account));
+    end if;
+    v_amount := -v_balance;
+    if v_amount = 0 then
+      return null;
+    end if;
+    update public.credit_accounts a set balance = 0 where a.id = p_account;
+    v_balance := 0;
+  end if;
+
+  -- 3. A spend re-reads the caller's right now that the account row is locked: membership changes
+  -- and key revocations take the same lock, so one of a spend and a concurrent removal loses.
+  if p_spend_roles is not null and v_org then
+    v_role := private.actor_role(p_account);
+    if v_role is null or not v_role = any (p_spend_roles) then
+      perform private.err(403, 'cannot_spend',
+        'Your right to spend this org''s credits was withdrawn while the request was in flight.',
+        jsonb_build_object('org_id', p_account, 'role', v_role));
+    end if;
+  end if;
+
+  -- 4. The ledger row and the audit event, in the same transaction.
+  insert into public.credit_transactions
+    (account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, system_key, metadata)
+  values (p_account, v_uid, v_key_id, v_amount, v_balance, p_reason,
+          case when not p_system then p_key end, case when p_system then p_key end,
+          p_metadata || case when p_partial then jsonb_build_object('requested', -p_amount,
+                                                                    'shortfall', v_amount - p_amount) else '{}' end)
+  returning * into v_tx;
+  if p_audit then
+    perform private.audit_append(p_account, case when v_org then p_account end,
+      case when v_amount < 0 then 'credit_debit' else 'credits_granted' end, 'credit_transaction', v_tx.id::text,
+      case when v_amount < 0 then
+        jsonb_build_object('amount', -v_amount, 'reason', p_reason, 'source', case when v_org then 'org' else 'user' end,
+                           'balance_after', v_balance, 'idempotency_key', p_key)
+      else
+        jsonb_build_object('amount', v_amount, 'reason', p_reason, 'balance_after', v_balance,
+                           'idempotency_key', p_key, 'metadata', p_metadata)
+      end);
+  end if;
+  return private.tx_json(v_tx, false);
+end
+$$;
+comment on function private.apply_credit_change(uuid, bigint, text, text, boolean, jsonb, text[], boolean, boolean) is
+  'The one way a balance changes: apply a signed amount to an account (PT402 below zero, or with p_partial take '
+  'what is there), write the ledger row and (p_audit) the credit_debit / credits_granted event. A replayed key '
+  '(p_system: the platform''s namespace) returns the first result. p_spend_roles: re-check the caller''s role '
+  'once the account is locked.';
+revoke all on function private.apply_credit_change(uuid, bigint, text, text, boolean, jsonb, text[], boolean, boolean)
+  from public, anon, authenticated, service_role;
+
+create function private.lock_account(p_account uuid) returns void
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+begin
+  -- Every spend locks its account row (the conditional UPDATE), so whatever changes who may spend
+  -- from an org's pool (members, keys, invites) locks it too: it then serializes with spends in
+  -- flight, one of the two sees the other. Stripe paths lock it before the rows that reference it.
+  perform 1 from public.credit_accounts a where a.id = p_account for update;
+end
+$$;
+comment on function private.lock_account(uuid) is
+  'Take the lock spends take on an account: before changing who may spend from it, or what Stripe says about it.';
+revoke all on function private.lock_account(uuid) from public, anon, authenticated, service_role;
+
+-- Accounts for every org and user ---------------------------------------------------------------
+
+create function private.open_org_account() returns trigger
+language plpgsql security definer
+set search_path = ''
+as $$
+begin
+  insert into public.credit_accounts (id, org_id) values (new.id, new.id);
+  return new;
+end
+$$;
+comment on function private.open_org_account() is 'Trigger on orgs: every org gets its credit account (balance 0).';
+revoke all on function private.open_org_account() from public, anon, authenticated, service_role;
+
+create trigger orgs_open_account after insert on public.orgs
+  for each row execute function private.open_org_account();
+
+create function private.open_user_account() returns trigger
+language plpgsql security definer
+set search_path = ''
+as $$
+begin
+  insert into public.credit_accounts (id) values (new.id) on conflict (id) do nothing;
+  -- New users start with 10 credits: a ledger row like any other grant.
+  perform private.apply_credit_change(new.id, 10, 'signup_bonus', 'signup:' || new.id::text, true, '{}'::jsonb,
+                                      p_audit => false);
+  return new;
+end
+$$;
+comment on function private.open_user_account() is
+  'Trigger on profiles: every user gets a personal credit account with the 10-credit signup bonus.';
+revoke all on function private.open_user_account() from public, anon, authenticated, service_role;
+
+create trigger profiles_open_account after insert on public.profiles
+  for each row execute function private.open_user_account();
