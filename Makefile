@@ -23,8 +23,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# plpgsql_check needs a server that has the extension (Debian: postgresql-<version>-plpgsql-check).
+LINT_DB ?= postgresql://postgres@127.0.0.1:5432/postgres
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/upshift-platform db lint --server $(LINT_DB)
 
 bench: $(STAMP)
 	$(BIN)/upshift-platform bench

@@ -35,8 +35,8 @@ def setup(url: str, clients: int) -> tuple[list[str], list[str]]:
             "insert into auth.users (email) select 'bench' || g || '@example.test' from generate_series(1, %s) g"
             " returning id", (clients,))]
         orgs = [str(r[0]) for r in c.execute(
-            "insert into public.orgs (slug, name, plan, credit_balance)"
-            " select 'bench-' || g, 'Bench ' || g, 'team', 0 from generate_series(1, %s) g returning id", (N_ORGS,))]
+            "insert into public.orgs (slug, name, plan)"
+            " select 'bench-' || g, 'Bench ' || g, 'team' from generate_series(1, %s) g returning id", (N_ORGS,))]
         c.execute("insert into public.org_members (org_id, user_id, role)"
                   " select o, u, 'member' from unnest(%s::uuid[]) o, unnest(%s::uuid[]) u", (orgs, users))
         c.execute("select public.grant_credits(%s, 'admin_grant', o::text, null, 'bench-' || o)"
@@ -52,10 +52,10 @@ def rpc_tx(cur: psycopg.Cursor, claims: str, org: str) -> None:
 
 
 def baseline_tx(cur: psycopg.Cursor, user: str, org: str) -> None:
-    cur.execute("update public.orgs set credit_balance = credit_balance - 1"
-                " where id = %s and credit_balance >= 1 returning credit_balance", (org,))
+    cur.execute("update public.credit_accounts set balance = balance - 1"
+                " where id = %s and balance >= 1 returning balance", (org,))
     balance = cur.fetchone()[0]  # type: ignore[index]
-    cur.execute("insert into public.credit_transactions (org_id, user_id, amount, balance_after, reason)"
+    cur.execute("insert into public.credit_transactions (account_id, actor_user_id, amount, balance_after, reason)"
                 " values (%s, %s, -1, %s, 'explain')", (org, user, balance))
 
 

@@ -54,6 +54,12 @@ def cmd_db_migrate(args: argparse.Namespace) -> None:
     info(f"{len(applied)} migration(s) applied" if applied else "nothing to apply")
 
 
+def cmd_db_lint(args: argparse.Namespace) -> None:
+    from .sqlcheck import run
+
+    run(args.server or os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
 def cmd_db_reset(args: argparse.Namespace) -> None:
     url = database_url(args)
     if not is_local(url) and not args.force_remote:
@@ -244,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_target(add(dbs, "down", cmd_db_down, "stop the embedded PostgreSQL"))
     db_target(add(dbs, "url", cmd_db_url, "print the database URL in use"))
     db_target(add(dbs, "migrate", cmd_db_migrate, "apply pending migrations to DATABASE_URL or the embedded server"))
+    p = add(dbs, "lint", cmd_db_lint, "run plpgsql_check on every function, in a scratch database on a server "
+            "that has the extension (default: DATABASE_URL, else 127.0.0.1:5432)")
+    p.add_argument("--server", help="a PostgreSQL URL (the scratch database is created and dropped there)")
     p = add(dbs, "reset", cmd_db_reset, "drop and recreate the database, then migrate (local only)")
     db_target(p)
     p.add_argument("--force-remote", action="store_true", help=argparse.SUPPRESS)

@@ -217,6 +217,7 @@ begin
 exception when check_violation then
   perform private.err(400, 'invalid_slug', 'A slug is 1-40 characters of a-z, 0-9 and inner hyphens (and not a UUID).',
                       jsonb_build_object('field', 'slug'));
+  return null;  -- not reached: private.err raises
 end
 $$;
 comment on function private.check_slug(text) is 'A slug normalised (trimmed, lower case) and checked, or PT400 invalid_slug.';
