@@ -59,36 +59,24 @@ create table if not exists auth.users (
 comment on table auth.users is
   'Minimal stand-in for Supabase Auth users (local PostgreSQL only; Supabase provides the real one).';
 
+-- auth.uid() and auth.role() read one claim, as Supabase defines them (the old per-claim setting
+-- first, then request.jwt.claims); auth.jwt() is all of them.
 do $$
+declare
+  f record;
 begin
-  if to_regprocedure('auth.uid()') is null then
-    create function auth.uid() returns uuid
-    language sql stable
-    as $f$
-      select coalesce(
-        nullif(current_setting('request.jwt.claim.sub', true), ''),
-        (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
-      )::uuid
-    $f$;
-  end if;
-  if to_regprocedure('auth.role()') is null then
-    create function auth.role() returns text
-    language sql stable
-    as $f$
-      select coalesce(
-        nullif(current_setting('request.jwt.claim.role', true), ''),
-        (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'role')
-      )::text
-    $f$;
-  end if;
+  for f in select * from (values ('uid', 'uuid', 'sub'), ('role', 'text', 'role')) as v(name, type, claim) loop
+    if to_regprocedure(format('auth.%s()', f.name)) is null then
+      execute format($f$create function auth.%1$s() returns %2$s language sql stable as $b$
+        select coalesce(nullif(current_setting('request.jwt.claim.%3$s', true), ''),
+                        (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> '%3$s'))::%2$s
+      $b$ $f$, f.name, f.type, f.claim);
+    end if;
+  end loop;
   if to_regprocedure('auth.jwt()') is null then
-    create function auth.jwt() returns jsonb
-    language sql stable
-    as $f$
-      select coalesce(
-        nullif(current_setting('request.jwt.claim', true), ''),
-        nullif(current_setting('request.jwt.claims', true), '')
-      )::jsonb
+    create function auth.jwt() returns jsonb language sql stable as $f$
+      select coalesce(nullif(current_setting('request.jwt.claim', true), ''),
+                      nullif(current_setting('request.jwt.claims', true), ''))::jsonb
     $f$;
   end if;
 end

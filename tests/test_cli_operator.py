@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import psycopg
 import pytest
 
 from tests.conftest import age_audit_logs
@@ -197,3 +198,19 @@ def test_bench_quick_prints_one_summary_table(db_url, capsys, monkeypatch):
     assert "upshift platform benchmarks; " in out and "PostgreSQL" in out
     assert "audit query p50 / p99 ms, first page, unfiltered" in out
     assert "audit ingest events/s, 100 per transaction" in out
+
+
+def test_prices_live_in_the_database(run_cli, world, as_role):
+    assert {p["action"]: p["credits"] for p in js(run_cli, "prices", "list")} == {"audit": 2, "explain": 1, "fix": 3}
+    assert js(run_cli, "prices", "set", "explain=2", "scan=5") == {"audit": 2, "explain": 2, "fix": 3, "scan": 5}
+    code, _, err = run_cli("prices", "set", "explain=0", ok=False)
+    assert code == 1 and "1-1000000 credits" in err
+    user = world.user()
+    with as_role("authenticated", user) as cur, pytest.raises(psycopg.Error) as exc:
+        cur.execute("select public.debit_credits(1, 'explain')")  # a PostgREST caller cannot pay less either
+    assert exc.value.diag.sqlstate == "PT400" and json.loads(exc.value.diag.message_detail)["price"] == 2
+    assert js(run_cli, "prices", "set", "--replace", "explain=1") == {"explain": 1}
+    with as_role("authenticated", user) as cur, pytest.raises(psycopg.Error) as exc:
+        cur.execute("select public.debit_credits(3, 'fix')")
+    assert json.loads(exc.value.diag.message_detail) == {"error": "unknown_action", "field": "reason",
+                                                          "known_actions": ["explain"]}

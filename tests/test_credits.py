@@ -203,7 +203,7 @@ def test_concurrent_spenders_never_overdraw(db_url, conn, world):
 
     def worker(i: int) -> None:
         with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-            barrier.wait()
+            barrier.wait(timeout=60)
             for j in range(i, attempts, clients):
                 try:
                     debit(c, spenders[j % len(spenders)], 1, org="hot")

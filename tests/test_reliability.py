@@ -69,7 +69,7 @@ def test_64_clients_with_replays_never_overdraw_or_deadlock(db_url, conn, world)
     def client(i: int) -> None:
         user = users[i % len(users)]
         with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-            barrier.wait()
+            barrier.wait(timeout=60)
             for n in range(per_client):
                 # Keys are shared by the 8 clients acting as one user: the first to commit is the
                 # original, the others are replays racing it.

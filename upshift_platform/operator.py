@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 
 from . import csvsafe
-from .clikit import SERVICE, database_url, emit, service_tx
+from .clikit import SERVICE, CliError, database_url, emit, service_tx
 from .db import act_as, call, connect_kwargs
 
 
@@ -182,6 +182,23 @@ def credits_history(args: argparse.Namespace) -> None:
     _emit(args, rows, rows, ("created_at", "amount", "balance_after", "reason", "idempotency_key"))
 
 
+def prices_list(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        rows = cur.execute("select action, credits, updated_at from public.credit_prices order by action").fetchall()
+    _emit(args, rows, rows, ("action", "credits", "updated_at"))
+
+
+def prices_set(args: argparse.Namespace) -> None:
+    prices: dict[str, int] = {}
+    for item in args.prices:
+        action, _, credits = item.partition("=")
+        if not credits.strip().isdigit():
+            raise CliError(f"{item!r}: want action=credits, e.g. explain=1")
+        prices[action.strip()] = int(credits)
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "admin_set_prices", prices=prices, replace_all=args.replace))
+
+
 # --- audit -----------------------------------------------------------------------------------
 
 AUDIT_SELECT = ("select l.id, l.seq, l.created_at, l.event_type, l.actor_kind, l.user_id, l.service_key_id,"
@@ -288,35 +305,41 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
     p = cmd(g, "create", orgs_create, "create an org")
     p.add_argument("--name", required=True)
     p.add_argument("--slug", required=True)
-    p.add_argument("--plan", choices=["pro", "team"], default="pro")
+    p.add_argument("--plan", default="pro", help="pro (default) or team")
     p.add_argument("--admin-email", help="make this user its first admin")
     p.add_argument("--create-user", action="store_true", help="create the admin's auth.users row if missing")
     cmd(g, "list", orgs_list, "list every org")
     p = cmd(g, "set-plan", orgs_set_plan, "set an org's plan by hand (Stripe does it otherwise)")
     p.add_argument("--org", required=True)
-    p.add_argument("--plan", choices=["pro", "team"], required=True)
+    p.add_argument("--plan", required=True, help="pro or team")
 
     g = group("members", "org members: add, set-role, remove, list")
     p = cmd(g, "add", members_add, "add a user to an org (or set their role)")
     p.add_argument("--org", required=True)
     p.add_argument("--email", required=True)
-    p.add_argument("--role", choices=["admin", "member", "viewer"], default="member")
+    p.add_argument("--role", default="member", help="admin, member (default) or viewer")
     p.add_argument("--create-user", action="store_true", help="create the auth.users row if missing")
     p = cmd(g, "set-role", members_set_role, "change a member's role (never the last admin)")
     p.add_argument("--org", required=True)
     p.add_argument("--email", required=True)
-    p.add_argument("--role", choices=["admin", "member", "viewer"], required=True)
+    p.add_argument("--role", required=True, help="admin, member or viewer")
     p = cmd(g, "remove", members_remove, "remove a member (never the last admin)")
     p.add_argument("--org", required=True)
     p.add_argument("--email", required=True)
     p = cmd(g, "list", members_list, "list an org's members")
     p.add_argument("--org", required=True)
 
+    g = group("prices", "what each action costs: list, set")
+    cmd(g, "list", prices_list, "list the price of every action")
+    p = cmd(g, "set", prices_set, "set prices (action=credits ...); --replace drops the actions not named")
+    p.add_argument("prices", nargs="+", metavar="ACTION=CREDITS")
+    p.add_argument("--replace", action="store_true")
+
     g = group("keys", "API keys: create, list, revoke")
     p = cmd(g, "create", keys_create, "create an API key for a user; prints the secret once")
     p.add_argument("--email", required=True, help="the key's owner")
     p.add_argument("--org", help="personal: default org; service: the org it acts for")
-    p.add_argument("--kind", choices=["personal", "service"], default="personal")
+    p.add_argument("--kind", default="personal", help="personal (default) or service")
     p.add_argument("--name", default="cli")
     p.add_argument("--expires-at", help="ISO 8601 timestamp")
     p = cmd(g, "list", keys_list, "list keys (never secrets)")

@@ -60,15 +60,12 @@ create trigger profiles_set_updated_at before update on public.profiles
   for each row execute function private.set_updated_at();
 
 create function private.handle_new_user() returns trigger
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   insert into public.profiles (id, email) values (new.id, new.email)
   on conflict (id) do nothing;
   return new;
-end
-$$;
+end $$;
 comment on function private.handle_new_user() is 'Trigger on auth.users: create the profile of a new user.';
 revoke all on function private.handle_new_user() from public, anon, authenticated, service_role;
 
@@ -76,14 +73,11 @@ create trigger on_auth_user_created after insert on auth.users
   for each row execute function private.handle_new_user();
 
 create function private.handle_user_email_change() returns trigger
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   update public.profiles set email = new.email where id = new.id;
   return new;
-end
-$$;
+end $$;
 comment on function private.handle_user_email_change() is 'Trigger on auth.users: keep profiles.email current.';
 revoke all on function private.handle_user_email_change() from public, anon, authenticated, service_role;
 
@@ -94,9 +88,7 @@ create trigger on_auth_user_email_changed after update of email on auth.users
 -- RLS ----------------------------------------------------------------------------------------
 
 create function private.user_org_ids() returns setof uuid
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select m.org_id from public.org_members m where m.user_id = (select auth.uid())
 $$;
 comment on function private.user_org_ids() is 'Orgs the calling user belongs to (any role).';
@@ -104,9 +96,7 @@ revoke all on function private.user_org_ids() from public, anon, authenticated, 
 grant execute on function private.user_org_ids() to authenticated;  -- RLS policies
 
 create function private.has_role_on_org(p_org_id uuid, p_roles text[]) returns boolean
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select exists (
     select 1 from public.org_members m
     where m.org_id = p_org_id and m.user_id = (select auth.uid()) and m.role = any (p_roles)

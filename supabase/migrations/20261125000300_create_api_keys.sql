@@ -6,9 +6,7 @@
 -- migration.
 
 create function private.api_key_kinds() returns text[]
-language sql immutable
-set search_path = ''
-as $$ select array['personal', 'service'] $$;
+language sql immutable set search_path = '' as $$ select array['personal', 'service'] $$;
 comment on function private.api_key_kinds() is 'personal (acts as its user) or service (an org''s CI key).';
 revoke all on function private.api_key_kinds() from public, anon, authenticated, service_role;
 
@@ -53,9 +51,7 @@ create policy api_keys_select_own_or_admin on public.api_keys for select to auth
   );
 
 create function public.authenticate_api_key(p_key_hash text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_key public.api_keys;
 begin
@@ -76,8 +72,7 @@ begin
   end if;
   return jsonb_build_object('status', 'active', 'key_id', v_key.id, 'kind', v_key.kind,
                             'user_id', v_key.user_id, 'org_id', v_key.org_id);
-end
-$$;
+end $$;
 comment on function public.authenticate_api_key(text) is
   'Backend only (service_role): look a key up by its SHA-256; touches last_used_at at most once a minute.';
 revoke all on function public.authenticate_api_key(text) from public, anon, authenticated, service_role;
@@ -86,9 +81,7 @@ grant execute on function public.authenticate_api_key(text) to service_role;  --
 -- Hot-path helpers are plpgsql: their plans are cached per session, while a SQL function with a
 -- SET clause is neither inlined nor plan-cached (it is planned again on every call).
 create function private.service_key() returns table (key_id uuid, org_id uuid)
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_key uuid := nullif((select auth.jwt()) -> 'upshift' ->> 'key_id', '')::uuid;
 begin
@@ -99,8 +92,7 @@ begin
     select k.id, k.org_id from public.api_keys k
     where k.id = v_key and k.kind = 'service' and k.revoked_at is null
       and (k.expires_at is null or k.expires_at > now());
-end
-$$;
+end $$;
 comment on function private.service_key() is
   'The active org service key the caller acts as (claims set after the key was verified), if any.';
 revoke all on function private.service_key() from public, anon, authenticated, service_role;

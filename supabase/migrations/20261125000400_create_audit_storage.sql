@@ -84,9 +84,7 @@ revoke all on table private.audit_purge_permits from public, anon, authenticated
 -- Hashing ----------------------------------------------------------------------------------
 
 create function private.audit_hash(l public.audit_logs) returns bytea
-language plpgsql immutable
-set search_path = ''
-as $$
+language plpgsql immutable set search_path = '' as $$
 begin
   return sha256(convert_to(jsonb_build_array(
     l.scope_id, l.seq, l.org_id, l.user_id, l.actor_kind, l.service_key_id, l.event_type, l.resource_type,
@@ -94,8 +92,7 @@ begin
     to_char(l.client_timestamp at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     to_char(l.created_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
     encode(l.prev_hash, 'hex'))::text, 'UTF8'));
-end
-$$;
+end $$;
 comment on function private.audit_hash(public.audit_logs) is
   'sha256 over a canonical JSON array of the row''s content and prev_hash.';
 revoke all on function private.audit_hash(public.audit_logs) from public, anon, authenticated, service_role;
@@ -105,9 +102,7 @@ revoke all on function private.audit_hash(public.audit_logs) from public, anon, 
 create function private.audit_append(p_scope_id uuid, p_org_id uuid, p_event_type text, p_resource_type text,
                                      p_resource_id text, p_metadata jsonb, p_client_timestamp timestamptz default null)
 returns public.audit_logs
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v public.audit_logs;
   v_key uuid;
@@ -142,8 +137,7 @@ begin
   v.hash := private.audit_hash(v);
   insert into public.audit_logs values (v.*);
   return v;
-end
-$$;
+end $$;
 comment on function private.audit_append(uuid, uuid, text, text, text, jsonb, timestamptz) is
   'Append one event to a scope''s chain; the actor comes from the request''s claims, IP and user agent from '
   'request.headers. The only way rows enter audit_logs.';
@@ -152,9 +146,7 @@ revoke all on function private.audit_append(uuid, uuid, text, text, text, jsonb,
 -- Append-only ------------------------------------------------------------------------------
 
 create function private.audit_logs_guard() returns trigger
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   if tg_op = 'DELETE' and exists (
       select 1 from private.audit_purge_permits p
@@ -163,8 +155,7 @@ begin
   end if;
   perform private.err(403, 'append_only', format('audit_logs is append-only: %s is not allowed', tg_op));
   return null;
-end
-$$;
+end $$;
 comment on function private.audit_logs_guard() is
   'Trigger: refuse UPDATE, DELETE and TRUNCATE on audit_logs, except the retention purge''s own deletes.';
 revoke all on function private.audit_logs_guard() from public, anon, authenticated, service_role;
@@ -182,9 +173,7 @@ alter table public.audit_logs enable always trigger audit_logs_no_truncate;
 -- Verification and retention ---------------------------------------------------------------
 
 create function private.verify_audit_scope(p_scope_id uuid) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_cp public.audit_checkpoints;
   v_expected bigint;
@@ -220,16 +209,13 @@ begin
     'head_seq', v_expected - 1, 'head_hash', encode(v_prev, 'hex'),
     'checkpoint', case when v_cp.scope_id is not null then
       jsonb_build_object('seq', v_cp.seq, 'hash', encode(v_cp.hash, 'hex'), 'purged_at', v_cp.purged_at) end);
-end
-$$;
+end $$;
 comment on function private.verify_audit_scope(uuid) is
   'Recompute a scope''s chain from its checkpoint: ok, or the first missing or broken sequence number.';
 revoke all on function private.verify_audit_scope(uuid) from public, anon, authenticated, service_role;
 
 create function private.audit_retention_days(p_scope_id uuid) returns integer
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select coalesce(
     (select coalesce(o.audit_retention_days, case o.plan when 'team' then 365 else 90 end)
        from public.orgs o where o.id = p_scope_id),
@@ -240,9 +226,7 @@ comment on function private.audit_retention_days(uuid) is
 revoke all on function private.audit_retention_days(uuid) from public, anon, authenticated, service_role;
 
 create function private.purge_audit_scope(p_scope_id uuid, p_now timestamptz) returns bigint
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_cutoff timestamptz := p_now - make_interval(days => private.audit_retention_days(p_scope_id));
   v_last bigint;
@@ -271,8 +255,7 @@ begin
       'through_hash', encode(v_hash, 'hex'), 'cutoff', v_cutoff, 'as_of', p_now,
       'retention_days', private.audit_retention_days(p_scope_id)));
   return v_deleted;
-end
-$$;
+end $$;
 comment on function private.purge_audit_scope(uuid, timestamptz) is
   'Retention: delete a scope''s rows older than its retention (a prefix of the chain), keep a checkpoint and '
   'record audit_purged. The only path by which audit rows are ever deleted.';
@@ -281,9 +264,7 @@ revoke all on function private.purge_audit_scope(uuid, timestamptz) from public,
 -- RLS ---------------------------------------------------------------------------------------
 
 create function private.can_read_org_audit(p_org_id uuid) returns boolean
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select exists (
     select 1 from public.org_members m join public.orgs o on o.id = m.org_id
     where m.org_id = p_org_id and m.user_id = (select auth.uid()) and m.role in ('admin', 'viewer')

@@ -96,9 +96,7 @@ create policy credit_transactions_select on public.credit_transactions for selec
 create function private.check_credit_args(p_amount bigint, p_reason text, p_key text, p_metadata jsonb,
                                           p_max bigint)
 returns void
-language plpgsql immutable
-set search_path = ''
-as $$
+language plpgsql immutable set search_path = '' as $$
 begin
   if p_amount is null or p_amount <= 0 or p_amount > p_max then
     perform private.err(400, 'invalid_amount', format('amount must be a whole number from 1 to %s.', p_max),
@@ -117,17 +115,14 @@ begin
     perform private.err(400, 'invalid_metadata', 'metadata is a JSON object of at most 4 KB.',
                         jsonb_build_object('field', 'metadata'));
   end if;
-end
-$$;
+end $$;
 comment on function private.check_credit_args(bigint, text, text, jsonb, bigint) is
   'The arguments every money RPC shares: amount 1..p_max, reason format, key length, metadata object <= 4 KB.';
 revoke all on function private.check_credit_args(bigint, text, text, jsonb, bigint)
   from public, anon, authenticated, service_role;
 
 create function private.tx_json(t public.credit_transactions, p_replayed boolean) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_slug text := (select o.slug from public.orgs o where o.id = t.account_id);
 begin
@@ -141,8 +136,7 @@ begin
     'balance', t.balance_after,
     'reason', t.reason,
     'replayed', p_replayed);
-end
-$$;
+end $$;
 comment on function private.tx_json(public.credit_transactions, boolean) is
   'A ledger row as the money RPCs answer it: {transaction_id, source, org_id, org_slug, balance, replayed, ...}.';
 revoke all on function private.tx_json(public.credit_transactions, boolean) from public, anon, authenticated, service_role;
@@ -151,9 +145,7 @@ create function private.apply_credit_change(
   p_account uuid, p_amount bigint, p_reason text, p_key text, p_system boolean, p_metadata jsonb,
   p_spend_roles text[] default null, p_partial boolean default false, p_audit boolean default true)
 returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_uid uuid := (select auth.uid());
   v_key_id uuid := (select s.key_id from private.service_key() s);
@@ -252,8 +244,7 @@ begin
       end);
   end if;
   return private.tx_json(v_tx, false);
-end
-$$;
+end $$;
 comment on function private.apply_credit_change(uuid, bigint, text, text, boolean, jsonb, text[], boolean, boolean) is
   'The one way a balance changes: apply a signed amount to an account (PT402 below zero, or with p_partial take '
   'what is there), write the ledger row and (p_audit) the credit_debit / credits_granted event. A replayed key '
@@ -263,52 +254,36 @@ revoke all on function private.apply_credit_change(uuid, bigint, text, text, boo
   from public, anon, authenticated, service_role;
 
 create function private.lock_account(p_account uuid) returns void
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 begin
   -- Every spend locks its account row (the conditional UPDATE), so whatever changes who may spend
   -- from an org's pool (members, keys, invites) locks it too: it then serializes with spends in
   -- flight, one of the two sees the other. Stripe paths lock it before the rows that reference it.
   perform 1 from public.credit_accounts a where a.id = p_account for update;
-end
-$$;
+end $$;
 comment on function private.lock_account(uuid) is
   'Take the lock spends take on an account: before changing who may spend from it, or what Stripe says about it.';
 revoke all on function private.lock_account(uuid) from public, anon, authenticated, service_role;
 
 -- Accounts for every org and user ---------------------------------------------------------------
 
-create function private.open_org_account() returns trigger
-language plpgsql security definer
-set search_path = ''
-as $$
+create function private.open_account() returns trigger
+language plpgsql security definer set search_path = '' as $$
 begin
-  insert into public.credit_accounts (id, org_id) values (new.id, new.id);
+  insert into public.credit_accounts (id, org_id) values (new.id, case when tg_table_name = 'orgs' then new.id end)
+  on conflict (id) do nothing;
+  if tg_table_name = 'profiles' then
+    -- New users start with 10 credits: a ledger row like any other grant.
+    perform private.apply_credit_change(new.id, 10, 'signup_bonus', 'signup:' || new.id::text, true, '{}'::jsonb,
+                                        p_audit => false);
+  end if;
   return new;
-end
-$$;
-comment on function private.open_org_account() is 'Trigger on orgs: every org gets its credit account (balance 0).';
-revoke all on function private.open_org_account() from public, anon, authenticated, service_role;
+end $$;
+comment on function private.open_account() is
+  'Trigger on orgs and profiles: every org and every user gets a credit account (users with a 10-credit bonus).';
+revoke all on function private.open_account() from public, anon, authenticated, service_role;
 
 create trigger orgs_open_account after insert on public.orgs
-  for each row execute function private.open_org_account();
-
-create function private.open_user_account() returns trigger
-language plpgsql security definer
-set search_path = ''
-as $$
-begin
-  insert into public.credit_accounts (id) values (new.id) on conflict (id) do nothing;
-  -- New users start with 10 credits: a ledger row like any other grant.
-  perform private.apply_credit_change(new.id, 10, 'signup_bonus', 'signup:' || new.id::text, true, '{}'::jsonb,
-                                      p_audit => false);
-  return new;
-end
-$$;
-comment on function private.open_user_account() is
-  'Trigger on profiles: every user gets a personal credit account with the 10-credit signup bonus.';
-revoke all on function private.open_user_account() from public, anon, authenticated, service_role;
-
+  for each row execute function private.open_account();
 create trigger profiles_open_account after insert on public.profiles
-  for each row execute function private.open_user_account();
+  for each row execute function private.open_account();

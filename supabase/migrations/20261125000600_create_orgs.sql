@@ -9,24 +9,19 @@
 -- org_forbidden, never a silent fallback to personal credits.
 
 create function private.find_org(p_org text) returns uuid
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 begin
   -- Two separate indexed lookups (a single predicate mixing id and slug could not use either index).
   if btrim(p_org) ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' then
     return (select o.id from public.orgs o where o.id = btrim(p_org)::uuid);
   end if;
   return (select o.id from public.orgs o where o.slug = lower(btrim(p_org)));
-end
-$$;
+end $$;
 comment on function private.find_org(text) is 'An org by id or slug (no access check; private.context checks).';
 revoke all on function private.find_org(text) from public, anon, authenticated, service_role;
 
 create function private.actor_role(p_org_id uuid) returns text
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_uid uuid := (select auth.uid());
 begin
@@ -34,8 +29,7 @@ begin
     return (select m.role from public.org_members m where m.org_id = p_org_id and m.user_id = v_uid);
   end if;
   return (select 'service' from private.service_key() s where s.org_id = p_org_id);
-end
-$$;
+end $$;
 comment on function private.actor_role(uuid) is
   'The caller''s role in the org, read now: admin, member, viewer, service (an active org service key) or null.';
 revoke all on function private.actor_role(uuid) from public, anon, authenticated, service_role;
@@ -51,9 +45,7 @@ comment on type private.org_context is 'What private.context() resolved: the org
 create function private.context(p_org text, p_roles text[] default null, p_code text default 'forbidden',
                                 p_what text default 'do that', p_need_org boolean default false)
 returns private.org_context
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   c private.org_context;
   v_explicit boolean := p_org is not null and btrim(p_org) <> '';
@@ -103,8 +95,7 @@ begin
       jsonb_build_object('org', c.slug, 'org_id', c.org_id, 'role', c.role, 'required', to_jsonb(p_roles)));
   end if;
   return c;
-end
-$$;
+end $$;
 comment on function private.context(text, text[], text, text, boolean) is
   'Resolve a request''s org (explicit -> API key''s -> default -> personal), the caller''s role there (PT403 '
   'org_forbidden if none), and, with p_roles, that the role is one of them (PT403 p_code). p_need_org: personal '
@@ -114,24 +105,19 @@ revoke all on function private.context(text, text[], text, text, boolean) from p
 -- Orgs -----------------------------------------------------------------------------------------
 
 create function private.org_json(p_org_id uuid, p_role text) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 begin
   return (select jsonb_build_object(
     'id', o.id, 'slug', o.slug, 'name', o.name, 'plan', o.plan,
     'credit_balance', a.balance, 'role', p_role,
     'created_at', o.created_at, 'updated_at', o.updated_at)
   from public.orgs o join public.credit_accounts a on a.id = o.id where o.id = p_org_id);
-end
-$$;
+end $$;
 comment on function private.org_json(uuid, text) is 'An org as the API answers it, with its balance and the caller''s role.';
 revoke all on function private.org_json(uuid, text) from public, anon, authenticated, service_role;
 
 create function public.resolve_org(org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   c private.org_context := private.context(resolve_org.org);
 begin
@@ -139,8 +125,7 @@ begin
     return null;
   end if;
   return private.org_json(c.org_id, c.role) || jsonb_build_object('source', c.source);
-end
-$$;
+end $$;
 comment on function public.resolve_org(text) is
   'The org context of a request: explicit org (id or slug) -> the API key''s org -> the default org -> '
   'null (personal). An explicit org the caller does not belong to is PT403 org_forbidden.';
@@ -148,9 +133,7 @@ revoke all on function public.resolve_org(text) from public, anon, authenticated
 grant execute on function public.resolve_org(text) to authenticated;
 
 create function private.new_org(p_name text, p_slug text, p_plan text, p_admin uuid, p_via text) returns uuid
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_id uuid;
 begin
@@ -171,44 +154,35 @@ begin
       jsonb_build_object('user_id', p_admin, 'role', 'admin', 'via', coalesce(p_via, 'create_org')));
   end if;
   return v_id;
-end
-$$;
+end $$;
 comment on function private.new_org(text, text, text, uuid, text) is
   'Create an org (and its credit account, by trigger) with its first admin; audited.';
 revoke all on function private.new_org(text, text, text, uuid, text) from public, anon, authenticated, service_role;
 
 create function public.create_org(name text, slug text) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_id uuid := private.new_org(create_org.name, create_org.slug, 'pro', private.require_user(), null);
 begin
   return private.org_json(v_id, 'admin');  -- a statement of its own: a stable function sees the new org
-end
-$$;
+end $$;
 comment on function public.create_org(text, text) is 'Create an org; the caller becomes its admin.';
 revoke all on function public.create_org(text, text) from public, anon, authenticated, service_role;
 grant execute on function public.create_org(text, text) to authenticated;
 
 create function public.get_org(org text) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   c private.org_context := private.context(get_org.org, p_need_org => true);
 begin
   return private.org_json(c.org_id, c.role);
-end
-$$;
+end $$;
 comment on function public.get_org(text) is 'An org the caller belongs to, with the caller''s role.';
 revoke all on function public.get_org(text) from public, anon, authenticated, service_role;
 grant execute on function public.get_org(text) to authenticated;
 
 create function public.list_my_orgs() returns jsonb
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select coalesce(jsonb_agg(private.org_json(m.org_id, m.role) order by o.slug), '[]'::jsonb)
   from public.org_members m join public.orgs o on o.id = m.org_id
   where m.user_id = (select auth.uid())
@@ -218,9 +192,7 @@ revoke all on function public.list_my_orgs() from public, anon, authenticated, s
 grant execute on function public.list_my_orgs() to authenticated;
 
 create function public.update_org(org text, name text default null, slug text default null) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   c private.org_context := private.context(update_org.org, array['admin'], 'forbidden', 'change the org', true);
 begin
@@ -236,8 +208,7 @@ begin
                         '{"field": "slug"}');
   end;
   return private.org_json(c.org_id, c.role);
-end
-$$;
+end $$;
 comment on function public.update_org(text, text, text) is 'Rename an org or change its slug (admin); audited.';
 revoke all on function public.update_org(text, text, text) from public, anon, authenticated, service_role;
 grant execute on function public.update_org(text, text, text) to authenticated;
@@ -245,9 +216,7 @@ grant execute on function public.update_org(text, text, text) to authenticated;
 -- The caller -------------------------------------------------------------------------------------
 
 create function public.me() returns jsonb
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select jsonb_build_object(
     'id', p.id, 'email', p.email, 'credit_balance', a.balance, 'plan', p.plan,
     'default_org', (select jsonb_build_object('id', o.id, 'slug', o.slug, 'name', o.name)
@@ -263,9 +232,7 @@ revoke all on function public.me() from public, anon, authenticated, service_rol
 grant execute on function public.me() to authenticated;
 
 create function public.set_default_org(org text) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_uid uuid := private.require_user();
   v_org uuid;
@@ -275,8 +242,7 @@ begin
   end if;
   update public.profiles p set default_org_id = v_org where p.id = v_uid;
   return public.me();
-end
-$$;
+end $$;
 comment on function public.set_default_org(text) is 'Select the default org (null clears it).';
 revoke all on function public.set_default_org(text) from public, anon, authenticated, service_role;
 grant execute on function public.set_default_org(text) to authenticated;

@@ -5,9 +5,7 @@
 create function public.debit_credits(amount bigint, reason text, org text default null,
                                      idempotency_key text default null, metadata jsonb default '{}')
 returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_uid uuid := (select auth.uid());
   v_meta jsonb := coalesce(debit_credits.metadata, '{}'::jsonb);
@@ -38,8 +36,7 @@ begin
   return private.apply_credit_change(coalesce(c.org_id, v_uid), -debit_credits.amount, debit_credits.reason,
     debit_credits.idempotency_key, false, v_meta,
     p_spend_roles => case when c.org_id is not null then array['admin', 'member', 'service'] end);
-end
-$$;
+end $$;
 comment on function public.debit_credits(bigint, text, text, text, jsonb) is
   'Spend credits for an action (reason) at no less than its price (credit_prices): from the org context (org, '
   'else the API key''s org, else the default org; admin/member/service key) or the caller''s personal balance. '
@@ -51,9 +48,7 @@ grant execute on function public.debit_credits(bigint, text, text, text, jsonb) 
 create function public.grant_credits(amount bigint, reason text, org text default null, user_id uuid default null,
                                      idempotency_key text default null, metadata jsonb default '{}')
 returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_meta jsonb := coalesce(grant_credits.metadata, '{}'::jsonb);
   v_account uuid;
@@ -78,8 +73,7 @@ begin
   end if;
   return private.apply_credit_change(v_account, grant_credits.amount, grant_credits.reason,
                                      grant_credits.idempotency_key, true, v_meta);
-end
-$$;
+end $$;
 comment on function public.grant_credits(bigint, text, text, uuid, text, jsonb) is
   'Backend only (service_role): add credits to an org or a user (purchase, plan_grant, admin_grant, ...). '
   'The idempotency key (a Stripe object id, say) makes a repeat a no-op; it is a system key, which no client '
@@ -89,9 +83,7 @@ revoke all on function public.grant_credits(bigint, text, text, uuid, text, json
 grant execute on function public.grant_credits(bigint, text, text, uuid, text, jsonb) to service_role;  -- backend only
 
 create function public.billing_status(org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   c private.org_context := private.context(billing_status.org);
   v_profile public.profiles;
@@ -107,8 +99,7 @@ begin
       'id', v_org.id, 'slug', v_org.slug, 'name', v_org.name, 'role', c.role, 'plan', v_org.plan) end,
     'personal_balance', (select a.balance from public.credit_accounts a where a.id = v_profile.id),
     'plan', v_profile.plan);
-end
-$$;
+end $$;
 comment on function public.billing_status(text) is
   'What the next consume would draw from: tier, balance, source, org and the personal balance.';
 revoke all on function public.billing_status(text) from public, anon, authenticated, service_role;
@@ -118,9 +109,7 @@ create function public.list_credit_transactions(org text default null, since tim
                                                 until timestamptz default null, after_created_at timestamptz default null,
                                                 after_id uuid default null, page_size integer default 100)
 returns jsonb
-language plpgsql stable security invoker
-set search_path = ''
-as $$
+language plpgsql stable security invoker set search_path = '' as $$
 declare
   -- Runs as the caller: RLS on credit_transactions decides which rows they see.
   v_account uuid := coalesce((public.resolve_org(list_credit_transactions.org) ->> 'id')::uuid, (select auth.uid()));
@@ -140,8 +129,7 @@ begin
           order by t.created_at desc, t.id desc
           limit least(greatest(coalesce(list_credit_transactions.page_size, 100), 1), 1001)) t
     join public.credit_accounts a on a.id = t.account_id);
-end
-$$;
+end $$;
 comment on function public.list_credit_transactions(text, timestamptz, timestamptz, timestamptz, uuid, integer) is
   'The ledger of the org context (or the caller''s personal account), newest first, keyset-paged after '
   '(after_created_at, after_id), at most page_size (1-1001) rows, as RLS lets the caller see it: an org''s admins and viewers see all, a member '
@@ -153,17 +141,14 @@ grant execute on function public.list_credit_transactions(text, timestamptz, tim
 
 create function public.ledger_mismatches() returns table (account_kind text, account_id uuid, balance bigint,
                                                           ledger_sum bigint)
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 begin
   perform private.require_backend('ledger_mismatches');
   return query
     select case when a.org_id is null then 'user' else 'org' end, a.id, a.balance, coalesce(sum(t.amount), 0)::bigint
     from public.credit_accounts a left join public.credit_transactions t on t.account_id = a.id
     group by a.id having a.balance <> coalesce(sum(t.amount), 0);
-end
-$$;
+end $$;
 comment on function public.ledger_mismatches() is
   'Accounts whose balance differs from the sum of their ledger (should always be empty). Operator only.';
 revoke all on function public.ledger_mismatches() from public, anon, authenticated, service_role;

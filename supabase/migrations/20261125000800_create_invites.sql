@@ -30,9 +30,7 @@ create policy org_invites_select_admin on public.org_invites for select to authe
   using ((select private.has_role_on_org(org_id, array['admin'])));
 
 create function private.invite_json(i public.org_invites) returns jsonb
-language sql stable
-set search_path = ''
-as $$
+language sql stable set search_path = '' as $$
   select jsonb_build_object('id', i.id, 'org_id', i.org_id, 'email', i.email, 'role', i.role,
     'invited_by', i.invited_by, 'created_at', i.created_at, 'expires_at', i.expires_at)
 $$;
@@ -40,9 +38,7 @@ comment on function private.invite_json(public.org_invites) is 'An invite as the
 revoke all on function private.invite_json(public.org_invites) from public, anon, authenticated, service_role;
 
 create function public.create_invite(org text, email text, role text) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_org uuid := (private.context(create_invite.org, array['admin'], 'forbidden', 'invite', true)).org_id;
   v_token text := private.new_secret('upi_');
@@ -58,33 +54,27 @@ begin
   perform private.audit_append(v_org, v_org, 'invite_created', 'invite', v_inv.id::text,
     jsonb_build_object('email', v_inv.email, 'role', v_inv.role, 'expires_at', v_inv.expires_at));
   return private.invite_json(v_inv) || jsonb_build_object('token', v_token);
-end
-$$;
+end $$;
 comment on function public.create_invite(text, text, text) is
   'Invite an email to an org (admin). Returns the token once; valid 7 days, single use.';
 revoke all on function public.create_invite(text, text, text) from public, anon, authenticated, service_role;
 grant execute on function public.create_invite(text, text, text) to authenticated;
 
 create function public.list_invites(org text) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_org uuid := (private.context(list_invites.org, array['admin'], 'forbidden', 'see its invites', true)).org_id;
 begin
   return (select coalesce(jsonb_agg(private.invite_json(i) order by i.created_at), '[]'::jsonb)
           from public.org_invites i
           where i.org_id = v_org and i.accepted_at is null and i.revoked_at is null and i.expires_at > now());
-end
-$$;
+end $$;
 comment on function public.list_invites(text) is 'Pending invites of an org (admin).';
 revoke all on function public.list_invites(text) from public, anon, authenticated, service_role;
 grant execute on function public.list_invites(text) to authenticated;
 
 create function private.revoke_invite_row(p_invite uuid, p_org uuid, p_via text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_inv public.org_invites;
 begin
@@ -98,29 +88,23 @@ begin
     jsonb_strip_nulls(jsonb_build_object('email', v_inv.email, 'role', v_inv.role, 'invited_by', v_inv.invited_by,
                                          'via', p_via)));
   return private.invite_json(v_inv) || '{"revoked": true}'::jsonb;
-end
-$$;
+end $$;
 comment on function private.revoke_invite_row(uuid, uuid, text) is
   'Revoke a pending invite of the org and audit it (p_via: why, when the platform does it).';
 revoke all on function private.revoke_invite_row(uuid, uuid, text) from public, anon, authenticated, service_role;
 
 create function public.revoke_invite(org text, invite_id uuid) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   return private.revoke_invite_row(revoke_invite.invite_id,
     (private.context(revoke_invite.org, array['admin'], 'forbidden', 'revoke its invites', true)).org_id, null);
-end
-$$;
+end $$;
 comment on function public.revoke_invite(text, uuid) is 'Revoke a pending invite (admin).';
 revoke all on function public.revoke_invite(text, uuid) from public, anon, authenticated, service_role;
 grant execute on function public.revoke_invite(text, uuid) to authenticated;
 
 create function public.accept_invite(token text) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_uid uuid := private.require_user();
   v_inv public.org_invites;
@@ -159,8 +143,7 @@ begin
   perform private.audit_append(v_inv.org_id, v_inv.org_id, 'member_added', 'user', v_uid::text,
     jsonb_build_object('user_id', v_uid, 'role', v_inv.role, 'via', 'invite', 'invite_id', v_inv.id));
   return private.org_json(v_inv.org_id, v_inv.role);
-end
-$$;
+end $$;
 comment on function public.accept_invite(text) is 'Join an org with an invite token sent to the caller''s email.';
 revoke all on function public.accept_invite(text) from public, anon, authenticated, service_role;
 grant execute on function public.accept_invite(text) to authenticated;

@@ -5,9 +5,7 @@
 -- (the members migration). The secret is returned once and never stored.
 
 create function private.api_key_json(k public.api_keys) returns jsonb
-language sql stable
-set search_path = ''
-as $$
+language sql stable set search_path = '' as $$
   select jsonb_build_object('id', k.id, 'name', k.name, 'kind', k.kind, 'prefix', k.key_prefix,
     'user_id', k.user_id, 'org_id', k.org_id, 'created_at', k.created_at, 'last_used_at', k.last_used_at,
     'expires_at', k.expires_at, 'revoked_at', k.revoked_at)
@@ -17,9 +15,7 @@ revoke all on function private.api_key_json(public.api_keys) from public, anon, 
 
 create function private.issue_api_key(p_user uuid, p_name text, p_kind text, p_org uuid, p_expires timestamptz)
 returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_secret text;
   v_key public.api_keys;
@@ -42,17 +38,14 @@ begin
     jsonb_build_object('name', v_key.name, 'kind', v_key.kind, 'prefix', v_key.key_prefix, 'owner', p_user,
                        'expires_at', v_key.expires_at));
   return private.api_key_json(v_key) || jsonb_build_object('secret', v_secret);
-end
-$$;
+end $$;
 comment on function private.issue_api_key(uuid, text, text, uuid, timestamptz) is
   'Create a key for p_user (checked arguments; audited); returns it with its secret, once.';
 revoke all on function private.issue_api_key(uuid, text, text, uuid, timestamptz)
   from public, anon, authenticated, service_role;
 
 create function private.revoke_key(p_key_id uuid, p_via text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_key public.api_keys;
 begin
@@ -72,8 +65,7 @@ begin
     v_key.id::text, jsonb_strip_nulls(jsonb_build_object('name', v_key.name, 'kind', v_key.kind,
       'prefix', v_key.key_prefix, 'owner', v_key.user_id, 'via', p_via)));
   return private.api_key_json(v_key);
-end
-$$;
+end $$;
 comment on function private.revoke_key(uuid, text) is
   'Revoke a key at once and audit it: the caller''s own or, as an admin, an org''s service key (p_via null), or any '
   'key for p_via (operator, member_removed, member_demoted).';
@@ -81,9 +73,7 @@ revoke all on function private.revoke_key(uuid, text) from public, anon, authent
 
 create function public.create_api_key(name text, kind text default 'personal', org text default null,
                                       expires_at timestamptz default null) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_uid uuid := private.require_user();
   v_org uuid;
@@ -94,8 +84,7 @@ begin
       true)).org_id;
   end if;
   return private.issue_api_key(v_uid, create_api_key.name, create_api_key.kind, v_org, create_api_key.expires_at);
-end
-$$;
+end $$;
 comment on function public.create_api_key(text, text, text, timestamptz) is
   'Create an API key: personal (acts as you; org binds a default org) or service (an org''s CI key; admin). '
   'Returns the secret once.';
@@ -103,9 +92,7 @@ revoke all on function public.create_api_key(text, text, text, timestamptz) from
 grant execute on function public.create_api_key(text, text, text, timestamptz) to authenticated;
 
 create function public.list_api_keys() returns jsonb
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select coalesce(jsonb_agg(private.api_key_json(k) order by k.created_at, k.id), '[]'::jsonb)
   from public.api_keys k
   where (k.kind = 'personal' and k.user_id = (select auth.uid()))
@@ -117,13 +104,10 @@ revoke all on function public.list_api_keys() from public, anon, authenticated, 
 grant execute on function public.list_api_keys() to authenticated;
 
 create function public.revoke_api_key(key_id uuid) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   return private.revoke_key(revoke_api_key.key_id, null);
-end
-$$;
+end $$;
 comment on function public.revoke_api_key(uuid) is 'Revoke an API key at once (its owner, or an admin for service keys).';
 revoke all on function public.revoke_api_key(uuid) from public, anon, authenticated, service_role;
 grant execute on function public.revoke_api_key(uuid) to authenticated;

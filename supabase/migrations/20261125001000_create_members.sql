@@ -7,9 +7,7 @@
 -- out as one: the org's service keys they created and their pending invites.
 
 create function public.list_members(org text) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   c private.org_context := private.context(list_members.org, p_need_org => true);
 begin
@@ -19,16 +17,13 @@ begin
       order by m.created_at, m.user_id), '[]'::jsonb)
     from public.org_members m join auth.users u on u.id = m.user_id
     where m.org_id = c.org_id);
-end
-$$;
+end $$;
 comment on function public.list_members(text) is 'Members of an org the caller belongs to.';
 revoke all on function public.list_members(text) from public, anon, authenticated, service_role;
 grant execute on function public.list_members(text) to authenticated;
 
 create function private.lock_membership(p_org uuid, p_via text) returns integer
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 begin
   perform private.lock_account(p_org);
   -- Read after the lock (each statement of a volatile function takes a new snapshot): the caller's
@@ -40,16 +35,13 @@ begin
                         jsonb_build_object('org_id', p_org));
   end if;
   return (select count(*)::integer from public.org_members m where m.org_id = p_org and m.role = 'admin');
-end
-$$;
+end $$;
 comment on function private.lock_membership(uuid, text) is
   'Lock the org for a membership change, re-check an admin caller (p_via = admin) and count the admins.';
 revoke all on function private.lock_membership(uuid, text) from public, anon, authenticated, service_role;
 
 create function private.revoke_member_grants(p_org uuid, p_user uuid, p_via text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 begin
   return jsonb_build_object(
     'revoked_api_keys', coalesce((
@@ -59,16 +51,13 @@ begin
       select jsonb_agg(private.revoke_invite_row(i.id, p_org, p_via) order by i.created_at) from public.org_invites i
       where i.org_id = p_org and i.invited_by = p_user and i.accepted_at is null and i.revoked_at is null),
       '[]'::jsonb));
-end
-$$;
+end $$;
 comment on function private.revoke_member_grants(uuid, uuid, text) is
   'Revoke the org''s service keys a member created and their pending invites (on removal or demotion from admin).';
 revoke all on function private.revoke_member_grants(uuid, uuid, text) from public, anon, authenticated, service_role;
 
 create function private.change_member_role(p_org uuid, p_user uuid, p_role text, p_via text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_new text := private.check_in(p_role, private.member_roles(), 'role');
   v_admins integer := private.lock_membership(p_org, p_via);
@@ -91,16 +80,13 @@ begin
     end if;
   end if;
   return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'role', v_new, 'previous_role', v_old) || v_revoked;
-end
-$$;
+end $$;
 comment on function private.change_member_role(uuid, uuid, text, text) is
   'Set a member''s role (never demoting the last admin); audited. p_via: admin, operator.';
 revoke all on function private.change_member_role(uuid, uuid, text, text) from public, anon, authenticated, service_role;
 
 create function private.delete_member(p_org uuid, p_user uuid, p_via text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_admins integer := private.lock_membership(p_org, p_via);
   v_old text;
@@ -119,30 +105,24 @@ begin
     jsonb_build_object('user_id', p_user, 'role', v_old, 'via', p_via));
   v_revoked := private.revoke_member_grants(p_org, p_user, 'member_removed');
   return jsonb_build_object('org_id', p_org, 'user_id', p_user, 'removed', true, 'role', v_old) || v_revoked;
-end
-$$;
+end $$;
 comment on function private.delete_member(uuid, uuid, text) is
   'Remove a member (never the last admin), clear it as their default org, revoke what they handed out; audited.';
 revoke all on function private.delete_member(uuid, uuid, text) from public, anon, authenticated, service_role;
 
 create function public.set_member_role(org text, user_id uuid, role text) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 begin
   return private.change_member_role(
     (private.context(set_member_role.org, array['admin'], 'forbidden', 'change roles', true)).org_id,
     set_member_role.user_id, set_member_role.role, 'admin');
-end
-$$;
+end $$;
 comment on function public.set_member_role(text, uuid, text) is 'Change a member''s role (admin; never the last admin).';
 revoke all on function public.set_member_role(text, uuid, text) from public, anon, authenticated, service_role;
 grant execute on function public.set_member_role(text, uuid, text) to authenticated;
 
 create function public.remove_member(org text, user_id uuid) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_self boolean := remove_member.user_id = (select auth.uid());
 begin
@@ -150,8 +130,7 @@ begin
     (private.context(remove_member.org, case when v_self then null else array['admin'] end, 'forbidden',
                      'remove members', true)).org_id,
     remove_member.user_id, case when v_self then 'left' else 'admin' end);
-end
-$$;
+end $$;
 comment on function public.remove_member(text, uuid) is 'Remove a member (admin), or leave (the member); never the last admin.';
 revoke all on function public.remove_member(text, uuid) from public, anon, authenticated, service_role;
 grant execute on function public.remove_member(text, uuid) to authenticated;

@@ -3,9 +3,7 @@
 -- and key. Types the platform writes itself (and anything that looks like them) are refused.
 
 create function private.platform_event_types() returns text[]
-language sql immutable
-set search_path = ''
-as $$
+language sql immutable set search_path = '' as $$
   select array['org_created', 'org_updated', 'member_added', 'member_removed', 'member_role_changed',
                'invite_created', 'invite_revoked', 'invite_accepted', 'api_key_created', 'api_key_revoked',
                'credit_debit', 'credits_granted', 'credits_purchased', 'credits_refunded', 'credits_restored',
@@ -16,9 +14,7 @@ comment on function private.platform_event_types() is
 revoke all on function private.platform_event_types() from public, anon, authenticated, service_role;
 
 create function private.reserved_event_type(p_type text) returns boolean
-language plpgsql immutable
-set search_path = ''
-as $$
+language plpgsql immutable set search_path = '' as $$
 begin
   -- A platform type, a variant of one (credits_granted.manual), or any type in a family the platform
   -- writes or will write (credit_*, member.*, webhook_*, ...): a client event must never pass for one.
@@ -26,8 +22,7 @@ begin
       or split_part(p_type, '.', 1) = any (private.platform_event_types())
       or p_type ~ ('^(credit|credits|audit|api_key|member|invite|org|plan|spend_limit|hold|webhook|stripe'
                    '|subscription|topup|balance|platform|upshift)([._]|$)');
-end
-$$;
+end $$;
 comment on function private.reserved_event_type(text) is
   'Is this event type reserved for the platform (a platform type, a dotted variant of one, or a reserved family)?';
 revoke all on function private.reserved_event_type(text) from public, anon, authenticated, service_role;
@@ -51,20 +46,15 @@ grant select on table public.audit_ingest_keys to service_role;
 
 create function private.ingest_error(p_status integer, p_code text, p_index integer, p_field text, p_message text)
 returns void
-language plpgsql
-set search_path = ''
-as $$
+language plpgsql set search_path = '' as $$
 begin
   perform private.err(p_status, p_code, format('events[%s].%s: %s', p_index, p_field, p_message),
     jsonb_build_object('field', format('events[%s].%s', p_index, p_field), 'index', p_index));
-end
-$$;
+end $$;
 revoke all on function private.ingest_error(integer, text, integer, text, text) from public, anon, authenticated, service_role;
 
 create function private.check_audit_event(e jsonb, i integer) returns void
-language plpgsql
-set search_path = ''
-as $$
+language plpgsql set search_path = '' as $$
 declare
   v_type text := e ->> 'event_type';
   m jsonb := coalesce(e -> 'metadata', '{}'::jsonb);
@@ -141,15 +131,12 @@ begin
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.cwd', 'required for scan_upload, a string.');
     end if;
   end if;
-end
-$$;
+end $$;
 revoke all on function private.check_audit_event(jsonb, integer) from public, anon, authenticated, service_role;
 
 create function public.record_audit_events(events jsonb, org text default null, idempotency_key text default null)
 returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_uid uuid := (select auth.uid());
   v_key uuid;
@@ -232,8 +219,7 @@ begin
     values (v_actor, record_audit_events.idempotency_key, v_hash, v_result);
   end if;
   return v_result || '{"replayed": false}'::jsonb;
-end
-$$;
+end $$;
 comment on function public.record_audit_events(jsonb, text, text) is
   'Record client events (the upshift CLI''s upgrade / fix / scan_upload, or any a-z0-9_. type that is not a '
   'platform type). Scope: the event''s org_id, else org, else the key''s org, else the default org, else '

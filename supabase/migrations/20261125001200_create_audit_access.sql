@@ -9,9 +9,7 @@
 -- public.verify_audit_checkpoint says whether the log still holds that row with that hash.
 
 create function public.audit_scope(org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   c private.org_context := private.context(audit_scope.org, array['admin', 'viewer'], 'audit_role_required',
                                            'read its audit log');
@@ -30,8 +28,7 @@ begin
       jsonb_build_object('org', c.slug, 'plan', v_plan));
   end if;
   return jsonb_build_object('scope_id', c.org_id, 'org_id', c.org_id, 'kind', 'org', 'role', c.role);
-end
-$$;
+end $$;
 comment on function public.audit_scope(text) is
   'Check the caller may read the audit log of the request''s org context (admin or viewer, Team plan), or their '
   'own when there is none.';
@@ -40,9 +37,7 @@ grant execute on function public.audit_scope(text) to authenticated;
 
 create function public.record_audit_export(org text default null, format text default 'ndjson',
                                            filters jsonb default '{}') returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_scope jsonb := public.audit_scope(record_audit_export.org);
   v_row public.audit_logs;
@@ -51,32 +46,26 @@ begin
     'audit_log', v_scope ->> 'scope_id',
     jsonb_build_object('format', record_audit_export.format, 'filters', coalesce(record_audit_export.filters, '{}')));
   return v_scope || jsonb_build_object('export_event_id', v_row.id, 'export_event_seq', v_row.seq);
-end
-$$;
+end $$;
 comment on function public.record_audit_export(text, text, jsonb) is
   'Check export access and record the export itself as an audit event (before the rows are streamed).';
 revoke all on function public.record_audit_export(text, text, jsonb) from public, anon, authenticated, service_role;
 grant execute on function public.record_audit_export(text, text, jsonb) to authenticated;
 
 create function public.verify_audit_log(org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_scope jsonb := public.audit_scope(verify_audit_log.org);
 begin
   return private.verify_audit_scope((v_scope ->> 'scope_id')::uuid) || jsonb_build_object('org_id', v_scope -> 'org_id');
-end
-$$;
+end $$;
 comment on function public.verify_audit_log(text) is
   'Recompute the caller''s (or an org''s, admin/viewer, Team) audit chain: ok, or the first bad sequence number.';
 revoke all on function public.verify_audit_log(text) from public, anon, authenticated, service_role;
 grant execute on function public.verify_audit_log(text) to authenticated;
 
 create function public.audit_head(org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_scope jsonb := public.audit_scope(audit_head.org);
   v_scope_id uuid := (v_scope ->> 'scope_id')::uuid;
@@ -97,8 +86,7 @@ begin
     'seq', coalesce(v_seq, 0),
     'hash', encode(coalesce(v_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea),
                    'hex'));
-end
-$$;
+end $$;
 revoke all on function public.audit_head(text) from public, anon, authenticated, service_role;
 grant execute on function public.audit_head(text) to authenticated;
 comment on function public.audit_head(text) is
@@ -107,9 +95,7 @@ comment on function public.audit_head(text) is
 
 create function public.verify_audit_checkpoint(checkpoint_seq bigint, checkpoint_hash text, org text default null)
 returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_zero constant bytea := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
   v_scope jsonb;
@@ -206,8 +192,7 @@ begin
                                                'message', v_message);
   end if;
   return v_result;
-end
-$$;
+end $$;
 revoke all on function public.verify_audit_checkpoint(bigint, text, text) from public, anon, authenticated, service_role;
 grant execute on function public.verify_audit_checkpoint(bigint, text, text) to authenticated;
 comment on function public.verify_audit_checkpoint(bigint, text, text) is
@@ -216,9 +201,7 @@ comment on function public.verify_audit_checkpoint(bigint, text, text) is
   'it were removed or changed; a checkpoint older than the retention purge is reported as purged.';
 
 create function public.purge_audit_logs(as_of timestamptz default now()) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   r record;
   v_deleted bigint;
@@ -245,8 +228,7 @@ begin
     end if;
   end loop;
   return jsonb_build_object('scopes', v_scopes, 'deleted', v_total, 'as_of', v_as_of);
-end
-$$;
+end $$;
 comment on function public.purge_audit_logs(timestamptz) is
   'Operator (service_role): delete audit rows older than each scope''s retention, keeping a checkpoint so the '
   'remaining chain still verifies.';

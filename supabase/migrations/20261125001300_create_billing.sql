@@ -79,9 +79,7 @@ create policy subscriptions_select on public.subscriptions for select to authent
   using (account_id = (select auth.uid()) or (select private.has_role_on_org(account_id, array['admin', 'viewer'])));
 
 create function private.live_subscription(p_account uuid, p_tier text) returns boolean
-language sql stable security definer
-set search_path = ''
-as $$
+language sql stable security definer set search_path = '' as $$
   select exists (select 1 from public.subscriptions s join private.subscription_statuses st on st.status = s.status
                  where s.account_id = p_account and s.tier = p_tier and st.live)
 $$;
@@ -91,9 +89,7 @@ revoke all on function private.live_subscription(uuid, text) from public, anon, 
 -- Checkout ---------------------------------------------------------------------------------
 
 create function public.begin_checkout(kind text, org text default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v_uid uuid := private.require_user();
   c private.org_context;
@@ -118,8 +114,7 @@ begin
       'tier', case when o.plan = 'team' then 'team' when c.org_id is not null then 'free' else p.plan end)
     from public.credit_accounts a left join public.orgs o on o.id = a.org_id left join public.profiles p on p.id = v_uid
     where a.id = v_account);
-end
-$$;
+end $$;
 comment on function public.begin_checkout(text, text) is
   'Who a checkout is for: credits for the org context (admin) or the caller; pro for the caller; team for an org '
   '(admin). Returns the account and its Stripe customer, if any.';
@@ -127,9 +122,7 @@ revoke all on function public.begin_checkout(text, text) from public, anon, auth
 grant execute on function public.begin_checkout(text, text) to authenticated;
 
 create function public.set_stripe_customer(account_kind text, account_id uuid, customer_id text) returns text
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v text;
 begin
@@ -145,8 +138,7 @@ begin
     perform private.err(404, 'account_not_found', 'No such account.');
   end if;
   return v;  -- the first customer stored wins; a concurrent second one is not used
-end
-$$;
+end $$;
 comment on function public.set_stripe_customer(text, uuid, text) is
   'Backend only: remember an account''s Stripe customer (once); returns the one in use.';
 revoke all on function public.set_stripe_customer(text, uuid, text) from public, anon, authenticated, service_role;

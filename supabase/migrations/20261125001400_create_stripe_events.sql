@@ -9,9 +9,7 @@
 -- that later to FOR UPDATE while another transaction queues for the same row is a deadlock.
 
 create function private.stripe_account(p_meta jsonb, p_customer text) returns uuid
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 declare
   v uuid;
 begin
@@ -23,16 +21,13 @@ begin
     select a.id into v from public.credit_accounts a where a.stripe_customer_id = p_customer;
   end if;
   return v;
-end
-$$;
+end $$;
 comment on function private.stripe_account(jsonb, text) is
   'The credit account an event is about: from our checkout metadata, else by its Stripe customer.';
 revoke all on function private.stripe_account(jsonb, text) from public, anon, authenticated, service_role;
 
 create function private.reconcile_payment(p_key text, p_cause text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v public.stripe_payments;
   v_target bigint;
@@ -69,16 +64,13 @@ begin
   end if;
   update public.stripe_payments s set credits_reversed = v_target, updated_at = now() where s.payment_key = p_key;
   return jsonb_build_object('reconciled', true, 'delta', v_delta, 'taken', v_taken);
-end
-$$;
+end $$;
 comment on function private.reconcile_payment(text, text) is
   'Bring what was taken back from a payment''s credits in line with its refunds and disputes (take or restore).';
 revoke all on function private.reconcile_payment(text, text) from public, anon, authenticated, service_role;
 
 create function private.apply_plan(p_account uuid) returns void
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_org boolean := exists (select 1 from public.orgs o where o.id = p_account);
   v_old text;
@@ -98,15 +90,12 @@ begin
     perform private.audit_append(p_account, case when v_org then p_account end, 'plan_changed',
       case when v_org then 'org' else 'user' end, p_account::text, jsonb_build_object('from', v_old, 'to', v_new));
   end if;
-end
-$$;
+end $$;
 comment on function private.apply_plan(uuid) is 'Set the account owner''s plan from its live subscriptions; audited.';
 revoke all on function private.apply_plan(uuid) from public, anon, authenticated, service_role;
 
 create function private.stripe_payment_paid(o jsonb, p_config jsonb) returns text
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_meta jsonb := coalesce(o -> 'metadata', '{}'::jsonb);
   v_key text := coalesce(o ->> 'payment_intent', o ->> 'id');
@@ -145,17 +134,14 @@ begin
       'purchaser_id', v_meta ->> 'purchaser_id'));
   perform private.reconcile_payment(v_key, 'late_checkout');
   return 'credits_granted';
-end
-$$;
+end $$;
 comment on function private.stripe_payment_paid(jsonb, jsonb) is
   'A paid credit-pack checkout: grant its credits once (then reconcile any refund or dispute that came first).';
 revoke all on function private.stripe_payment_paid(jsonb, jsonb) from public, anon, authenticated, service_role;
 
 create function private.stripe_subscription(o jsonb, p_created timestamptz, p_deleted boolean, p_config jsonb)
 returns text
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_prev public.subscriptions;
   v_account uuid;
@@ -194,17 +180,14 @@ begin
     last_event_at = excluded.last_event_at, updated_at = now();
   perform private.apply_plan(v_account);
   return 'subscription_' || v_status;
-end
-$$;
+end $$;
 comment on function private.stripe_subscription(jsonb, timestamptz, boolean, jsonb) is
   'A subscription created, updated or deleted: keep Stripe''s latest state (stale events ignored), then the plan.';
 revoke all on function private.stripe_subscription(jsonb, timestamptz, boolean, jsonb)
   from public, anon, authenticated, service_role;
 
 create function private.stripe_invoice_paid(o jsonb, p_config jsonb) returns text
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_sub_id text := coalesce(o #>> '{parent,subscription_details,subscription}', o ->> 'subscription');
   v_meta jsonb := coalesce(o #> '{parent,subscription_details,metadata}', o -> 'subscription_details' -> 'metadata',
@@ -238,17 +221,14 @@ begin
     'credits_purchased', 'stripe_invoice', o ->> 'id', jsonb_build_object('credits', v_credits, 'tier', v_tier,
       'subscription', v_sub_id, 'billing_reason', o ->> 'billing_reason', 'amount_paid', o -> 'amount_paid'));
   return 'plan_credits_granted';
-end
-$$;
+end $$;
 comment on function private.stripe_invoice_paid(jsonb, jsonb) is
   'A paid subscription invoice (creation or renewal): grant the plan''s credits once per invoice.';
 revoke all on function private.stripe_invoice_paid(jsonb, jsonb) from public, anon, authenticated, service_role;
 
 create function private.stripe_payment_update(p_key text, p_amount bigint, p_refunded bigint, p_dispute_id text,
                                               p_closed boolean, p_won boolean, p_cause text) returns text
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v public.stripe_payments;
 begin
@@ -276,17 +256,14 @@ begin
   end if;
   return p_cause || case when (private.reconcile_payment(p_key, p_cause) ->> 'reconciled')::boolean
                          then '_applied' else '_pending' end;
-end
-$$;
+end $$;
 comment on function private.stripe_payment_update(text, bigint, bigint, text, boolean, boolean, text) is
   'A refund (cumulative amount) or a dispute (created, closed won/lost) on a payment; then reconcile its credits.';
 revoke all on function private.stripe_payment_update(text, bigint, bigint, text, boolean, boolean, text)
   from public, anon, authenticated, service_role;
 
 create function public.stripe_apply_event(event jsonb, config jsonb) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_id text := stripe_apply_event.event ->> 'id';
   v_type text := stripe_apply_event.event ->> 'type';
@@ -336,8 +313,7 @@ begin
   end;
   update public.stripe_events e set outcome = v_outcome where e.id = v_id;
   return jsonb_build_object('event_id', v_id, 'duplicate', false, 'outcome', v_outcome);
-end
-$$;
+end $$;
 comment on function public.stripe_apply_event(jsonb, jsonb) is
   'Backend only: apply one verified Stripe event exactly once (deduplicated by event id). config carries the '
   'server''s pack_credits, plan_credits and price_tiers. Raises on an event it cannot apply yet, so Stripe retries.';

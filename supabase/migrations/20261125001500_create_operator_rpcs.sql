@@ -4,34 +4,26 @@
 -- refuses an API role even if EXECUTE were granted by mistake.
 
 create function private.operator_org(p_function text, p_org text) returns uuid
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 begin
   perform private.require_backend(p_function);
   return (private.context(p_org, array['operator'], 'backend_only', 'do that', true)).org_id;
-end
-$$;
+end $$;
 comment on function private.operator_org(text, text) is
   'For an operator RPC: refuse API roles, then resolve the org it names (by id or slug) through private.context.';
 revoke all on function private.operator_org(text, text) from public, anon, authenticated, service_role;
 
 create function public.admin_get_org(org text) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 begin
   return private.org_json(private.operator_org('admin_get_org', admin_get_org.org), null);
-end
-$$;
+end $$;
 comment on function public.admin_get_org(text) is 'Operator: an org by id or slug, with its balance.';
 revoke all on function public.admin_get_org(text) from public, anon, authenticated, service_role;
 grant execute on function public.admin_get_org(text) to service_role;  -- backend only
 
 create function public.admin_find_user(email text, create_missing boolean default false) returns uuid
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v uuid;
 begin
@@ -47,8 +39,7 @@ begin
     perform private.err(404, 'user_not_found', format('No user with email %s.', admin_find_user.email));
   end if;
   return v;
-end
-$$;
+end $$;
 comment on function public.admin_find_user(text, boolean) is
   'Operator: a user''s id by email (create_missing adds the auth.users row, for local development).';
 revoke all on function public.admin_find_user(text, boolean) from public, anon, authenticated, service_role;
@@ -56,9 +47,7 @@ grant execute on function public.admin_find_user(text, boolean) to service_role;
 
 create function public.admin_create_org(name text, slug text, plan text default 'pro', admin_user_id uuid default null)
 returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_id uuid;
 begin
@@ -70,16 +59,13 @@ begin
   v_id := private.new_org(admin_create_org.name, admin_create_org.slug, admin_create_org.plan,
                           admin_create_org.admin_user_id, 'operator');
   return private.org_json(v_id, null);  -- a statement of its own: a stable function sees the new org
-end
-$$;
+end $$;
 comment on function public.admin_create_org(text, text, text, uuid) is 'Operator: create an org (optionally with its first admin).';
 revoke all on function public.admin_create_org(text, text, text, uuid) from public, anon, authenticated, service_role;
 grant execute on function public.admin_create_org(text, text, text, uuid) to service_role;  -- backend only
 
 create function public.admin_add_member(org text, user_id uuid, role text) returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_org uuid := private.operator_org('admin_add_member', admin_add_member.org);
   v_role text := private.check_in(admin_add_member.role, private.member_roles(), 'role');
@@ -95,34 +81,27 @@ begin
   perform private.audit_append(v_org, v_org, 'member_added', 'user', admin_add_member.user_id::text,
     jsonb_build_object('user_id', admin_add_member.user_id, 'role', v_role, 'via', 'operator'));
   return jsonb_build_object('org_id', v_org, 'user_id', admin_add_member.user_id, 'role', v_role);
-end
-$$;
+end $$;
 comment on function public.admin_add_member(text, uuid, text) is 'Operator: add a user to an org or set their role.';
 revoke all on function public.admin_add_member(text, uuid, text) from public, anon, authenticated, service_role;
 grant execute on function public.admin_add_member(text, uuid, text) to service_role;  -- backend only
 
 create function public.admin_set_member_role(org text, user_id uuid, role text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 begin
   return private.change_member_role(private.operator_org('admin_set_member_role', admin_set_member_role.org),
                                     admin_set_member_role.user_id, admin_set_member_role.role, 'operator');
-end
-$$;
+end $$;
 comment on function public.admin_set_member_role(text, uuid, text) is 'Operator: change a member''s role.';
 revoke all on function public.admin_set_member_role(text, uuid, text) from public, anon, authenticated, service_role;
 grant execute on function public.admin_set_member_role(text, uuid, text) to service_role;  -- backend only
 
 create function public.admin_remove_member(org text, user_id uuid) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 begin
   return private.delete_member(private.operator_org('admin_remove_member', admin_remove_member.org),
                                admin_remove_member.user_id, 'operator');
-end
-$$;
+end $$;
 comment on function public.admin_remove_member(text, uuid) is 'Operator: remove a member (never the last admin).';
 revoke all on function public.admin_remove_member(text, uuid) from public, anon, authenticated, service_role;
 grant execute on function public.admin_remove_member(text, uuid) to service_role;  -- backend only
@@ -130,9 +109,7 @@ grant execute on function public.admin_remove_member(text, uuid) to service_role
 create function public.admin_create_api_key(user_id uuid, name text, kind text default 'personal',
                                             org text default null, expires_at timestamptz default null)
 returns jsonb
-language plpgsql security definer
-set search_path = ''
-as $$
+language plpgsql security definer set search_path = '' as $$
 declare
   v_org uuid;
 begin
@@ -150,8 +127,7 @@ begin
   end if;
   return private.issue_api_key(admin_create_api_key.user_id, admin_create_api_key.name,
                                admin_create_api_key.kind, v_org, admin_create_api_key.expires_at);
-end
-$$;
+end $$;
 comment on function public.admin_create_api_key(uuid, text, text, text, timestamptz) is
   'Operator: create an API key for a user (for a service key, an admin of the org). Returns the secret once.';
 revoke all on function public.admin_create_api_key(uuid, text, text, text, timestamptz)
@@ -159,22 +135,17 @@ revoke all on function public.admin_create_api_key(uuid, text, text, text, times
 grant execute on function public.admin_create_api_key(uuid, text, text, text, timestamptz) to service_role;  -- backend only
 
 create function public.admin_revoke_api_key(key_id uuid) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 begin
   perform private.require_backend('admin_revoke_api_key');
   return private.revoke_key(admin_revoke_api_key.key_id, 'operator');
-end
-$$;
+end $$;
 comment on function public.admin_revoke_api_key(uuid) is 'Operator: revoke any API key at once.';
 revoke all on function public.admin_revoke_api_key(uuid) from public, anon, authenticated, service_role;
 grant execute on function public.admin_revoke_api_key(uuid) to service_role;  -- backend only
 
 create function public.admin_set_org_plan(org text, plan text) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_org uuid := private.operator_org('admin_set_org_plan', admin_set_org_plan.org);
   v_old text;
@@ -187,17 +158,14 @@ begin
       jsonb_build_object('from', v_old, 'to', admin_set_org_plan.plan, 'via', 'operator'));
   end if;
   return private.org_json(v_org, null);
-end
-$$;
+end $$;
 comment on function public.admin_set_org_plan(text, text) is
   'Operator: set an org''s plan by hand (a comped account); Stripe subscriptions set it otherwise.';
 revoke all on function public.admin_set_org_plan(text, text) from public, anon, authenticated, service_role;
 grant execute on function public.admin_set_org_plan(text, text) to service_role;  -- backend only
 
 create function public.admin_set_prices(prices jsonb, replace_all boolean default false) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   r record;
 begin
@@ -221,17 +189,14 @@ begin
     delete from public.credit_prices p where not admin_set_prices.prices ? p.action;
   end if;
   return (select jsonb_object_agg(p.action, p.credits order by p.action) from public.credit_prices p);
-end
-$$;
+end $$;
 comment on function public.admin_set_prices(jsonb, boolean) is
   'Operator: set what actions cost ({"explain": 1, ...}); replace_all drops the actions not named. Returns all.';
 revoke all on function public.admin_set_prices(jsonb, boolean) from public, anon, authenticated, service_role;
 grant execute on function public.admin_set_prices(jsonb, boolean) to service_role;  -- backend only
 
 create function public.admin_verify_audit_log(org text default null, user_id uuid default null) returns jsonb
-language plpgsql stable security definer
-set search_path = ''
-as $$
+language plpgsql stable security definer set search_path = '' as $$
 begin
   perform private.require_backend('admin_verify_audit_log');
   if (admin_verify_audit_log.org is null) = (admin_verify_audit_log.user_id is null) then
@@ -239,16 +204,13 @@ begin
   end if;
   return private.verify_audit_scope(coalesce(admin_verify_audit_log.user_id,
     private.operator_org('admin_verify_audit_log', admin_verify_audit_log.org)));
-end
-$$;
+end $$;
 comment on function public.admin_verify_audit_log(text, uuid) is 'Operator: verify any scope''s chain.';
 revoke all on function public.admin_verify_audit_log(text, uuid) from public, anon, authenticated, service_role;
 grant execute on function public.admin_verify_audit_log(text, uuid) to service_role;  -- backend only
 
 create function public.admin_set_audit_retention(org text, days integer) returns jsonb
-language plpgsql volatile security definer
-set search_path = ''
-as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_org uuid := private.operator_org('admin_set_audit_retention', admin_set_audit_retention.org);
 begin
@@ -258,8 +220,7 @@ begin
   update public.orgs o set audit_retention_days = admin_set_audit_retention.days where o.id = v_org;
   return jsonb_build_object('org_id', v_org, 'audit_retention_days', admin_set_audit_retention.days,
                             'effective_days', private.audit_retention_days(v_org));
-end
-$$;
+end $$;
 comment on function public.admin_set_audit_retention(text, integer) is
   'Operator: set an org''s audit retention in days (null: by plan).';
 revoke all on function public.admin_set_audit_retention(text, integer) from public, anon, authenticated, service_role;
