@@ -83,6 +83,11 @@ begin
       case when create_api_key.kind = 'service' then array['admin'] end, 'forbidden', 'create its service keys',
       true)).org_id;
   end if;
+  if create_api_key.kind = 'service' then
+    -- Under the lock membership changes take, and with the admin role read again: a key created while its
+    -- creator is being demoted or removed either exists before that change (which then revokes it) or not at all.
+    perform private.lock_membership(v_org, 'admin');
+  end if;
   return private.issue_api_key(v_uid, create_api_key.name, create_api_key.kind, v_org, create_api_key.expires_at);
 end $$;
 comment on function public.create_api_key(text, text, text, timestamptz) is

@@ -16,12 +16,13 @@ revoke all on function private.platform_event_types() from public, anon, authent
 create function private.reserved_event_type(p_type text) returns boolean
 language plpgsql immutable set search_path = '' as $$
 begin
-  -- A platform type, a variant of one (credits_granted.manual), or any type in a family the platform
-  -- writes or will write (credit_*, member.*, webhook_*, ...): a client event must never pass for one.
+  -- A platform type, a variant of one (credits_granted.manual), or any type that begins with the name of
+  -- a family the platform writes or will write (credit..., member..., webhook..., ...): a client event
+  -- must never pass for one.
   return p_type = any (private.platform_event_types())
       or split_part(p_type, '.', 1) = any (private.platform_event_types())
-      or p_type ~ ('^(credit|credits|audit|api_key|member|invite|org|plan|spend_limit|hold|webhook|stripe'
-                   '|subscription|topup|balance|platform|upshift)([._]|$)');
+      or p_type ~ ('^(credit|audit|api_key|member|invite|org|plan|spend_limit|hold|webhook|stripe'
+                   '|subscription|topup|balance|platform|upshift)');
 end $$;
 comment on function private.reserved_event_type(text) is
   'Is this event type reserved for the platform (a platform type, a dotted variant of one, or a reserved family)?';
@@ -71,8 +72,9 @@ begin
       'must match ^[a-z][a-z0-9_.]{0,63}$.');
   elsif private.reserved_event_type(v_type) then
     perform private.ingest_error(400, 'reserved_event_type', i, 'event_type',
-      format('%s is reserved: the platform writes its own events (org_*, member_*, credit*, audit_*, api_key_*, '
-             'invite_*, plan_*, ...) and clients cannot post them or variants of them.', v_type));
+      format('%s is reserved: types that begin with credit, audit, api_key, member, invite, org, plan, spend_limit, '
+             'hold, webhook, stripe, subscription, topup, balance, platform or upshift are the platform''s own.',
+             v_type));
   end if;
   if jsonb_typeof(e -> 'resource_type') is distinct from 'string'
      or length(e ->> 'resource_type') not between 1 and 64 then

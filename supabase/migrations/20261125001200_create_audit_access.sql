@@ -40,11 +40,25 @@ create function public.record_audit_export(org text default null, format text de
 language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_scope jsonb := public.audit_scope(record_audit_export.org);
+  v_filters jsonb := coalesce(record_audit_export.filters, '{}'::jsonb);
   v_row public.audit_logs;
 begin
+  -- What goes into the immutable log is only what an export can be asked for: a known format and the
+  -- query's own filters, of their own types and sizes.
+  perform private.check_in(record_audit_export.format, array['csv', 'ndjson'], 'format');
+  if jsonb_typeof(v_filters) <> 'object' or length(v_filters::text) > 4096
+     or exists (select 1 from jsonb_each(v_filters) f
+                where f.key not in ('since', 'until', 'event_type', 'actor', 'resource_type', 'resource_id')
+                   or (f.key = 'event_type' and (jsonb_typeof(f.value) <> 'array' or jsonb_array_length(f.value) > 20
+                       or exists (select 1 from jsonb_array_elements(f.value) e where jsonb_typeof(e) <> 'string')))
+                   or (f.key <> 'event_type' and jsonb_typeof(f.value) <> 'string')) then
+    perform private.err(400, 'invalid_filters',
+      'filters is an object of since, until, event_type (a list of at most 20), actor, resource_type, resource_id '
+      '(at most 4 KB).', '{"field": "filters"}');
+  end if;
   v_row := private.audit_append((v_scope ->> 'scope_id')::uuid, (v_scope ->> 'org_id')::uuid, 'audit_export',
     'audit_log', v_scope ->> 'scope_id',
-    jsonb_build_object('format', record_audit_export.format, 'filters', coalesce(record_audit_export.filters, '{}')));
+    jsonb_build_object('format', record_audit_export.format, 'filters', v_filters));
   return v_scope || jsonb_build_object('export_event_id', v_row.id, 'export_event_seq', v_row.seq);
 end $$;
 comment on function public.record_audit_export(text, text, jsonb) is
