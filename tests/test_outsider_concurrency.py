@@ -60,7 +60,7 @@ def acme(world):
 
 
 def balance(conn, org: str) -> int:
-    return conn.execute("select credit_balance from public.orgs where id = %s", (org,)).fetchone()["credit_balance"]
+    return conn.execute("select balance from public.credit_accounts where id = %s", (org,)).fetchone()["balance"]
 
 
 # --- spending --------------------------------------------------------------------------------------
@@ -218,19 +218,25 @@ def _while_losing_admin(db_url: str, conn, world, acme, create_sql: str, take_aw
         if waiting:
             break
         time.sleep(0.02)
-    with psycopg.connect(db_url, row_factory=dict_row) as c, \
-            acting_as(c, "authenticated", claims(acme["admin"]), commit=True) as cur:
-        cur.execute("set local lock_timeout = '10s'")  # never hang the suite, whatever the lock order
-        cur.execute(take_away_sql, (admin2,))
+    def take_away() -> None:
+        with psycopg.connect(db_url, row_factory=dict_row) as c, \
+                acting_as(c, "authenticated", claims(acme["admin"]), commit=True) as cur:
+            cur.execute("set local lock_timeout = '20s'")  # never hang the suite, whatever the lock order
+            out["taken_away"] = cur.execute(take_away_sql, (admin2,)).fetchone()
+
+    # The demotion may have to wait for admin2's call (both take the org's lock): let it run, give it time
+    # to commit if it can, then release admin2's call.
+    t2 = threading.Thread(target=take_away)
+    t2.start()
+    t2.join(timeout=1.0)
     blocker.rollback()
     blocker.close()
     t.join(timeout=30)
+    t2.join(timeout=30)
+    assert "taken_away" in out, "the demotion or removal did not go through"
     return out, admin2
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: create_api_key checks the admin role without the org lock that "
-                   "membership changes take; a service key created while its creator is demoted or removed "
-                   "escapes revoke_member_grants and stays active (fix 3c bypassed by a race)")
 @pytest.mark.parametrize("take_away", [
     pytest.param("select public.set_member_role('acme', %s, 'member')", id="demoted_to_member"),
     pytest.param("select public.set_member_role('acme', %s, 'viewer')", id="demoted_to_viewer"),

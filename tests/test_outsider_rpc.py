@@ -32,9 +32,9 @@ def snapshot(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         return [tuple(r.values()) for r in conn.execute(sql).fetchall()]
 
     return {
-        "orgs": rows("select id, slug, name, plan, credit_balance, stripe_customer_id from public.orgs order by id"),
-        "profiles": rows("select id, credit_balance, plan, default_org_id, stripe_customer_id"
-                         " from public.profiles order by id"),
+        "orgs": rows("select id, slug, name, plan from public.orgs order by id"),
+        "profiles": rows("select id, plan, default_org_id from public.profiles order by id"),
+        "accounts": rows("select id, balance, stripe_customer_id from public.credit_accounts order by id"),
         "members": rows("select org_id, user_id, role from public.org_members order by org_id, user_id"),
         "keys": rows("select id, org_id, kind, user_id, revoked_at, expires_at from public.api_keys order by id"),
         "invites": rows("select id, org_id, email, role, accepted_at, revoked_at from public.org_invites order by id"),
@@ -246,12 +246,13 @@ READ_ATTACKS = [
         ("org_row", "select * from public.orgs where id = %(acme)s or slug = 'acme'"),
         ("members", "select * from public.org_members where org_id = %(acme)s"),
         ("admin_profile", "select * from public.profiles where id = %(admin)s"),
-        ("ledger", "select * from public.credit_transactions where org_id = %(acme)s"),
+        ("ledger", "select * from public.credit_transactions where account_id = %(acme)s"),
+        ("account", "select * from public.credit_accounts where id = %(acme)s"),
         ("keys", "select id, name from public.api_keys where org_id = %(acme)s or user_id = %(admin)s"),
         ("invites", "select id, email from public.org_invites where org_id = %(acme)s"),
         ("audit", "select * from public.audit_logs where scope_id = %(acme)s or org_id = %(acme)s"),
         ("admin_personal_audit", "select * from public.audit_logs where scope_id = %(admin)s"),
-        ("subscriptions", "select * from public.subscriptions where org_id = %(acme)s"),
+        ("subscriptions", "select * from public.subscriptions where account_id = %(acme)s"),
     ]
     for p in ("nobody", "rival_admin", "rival_ci", "acme_ci")
 ]
@@ -272,8 +273,8 @@ def test_reading_another_orgs_rows_returns_nothing(conn, w, persona, sql):
     pytest.param("member", "select id from public.api_keys where kind = 'service'", id="member_lists_ci_keys"),
     pytest.param("viewer", "select id from public.api_keys where kind = 'service'", id="viewer_lists_ci_keys"),
     pytest.param("member", "select id from public.audit_logs where org_id = %(acme)s", id="member_reads_org_audit"),
-    pytest.param("member", "select id from public.credit_transactions where org_id = %(acme)s"
-                           " and user_id is distinct from %(member)s", id="member_reads_others_spends"),
+    pytest.param("member", "select id from public.credit_transactions where account_id = %(acme)s"
+                           " and actor_user_id is distinct from %(member)s", id="member_reads_others_spends"),
     pytest.param("member", "select scope_id from public.audit_checkpoints", id="member_reads_checkpoints"),
     pytest.param("member", "select id from public.subscriptions", id="member_reads_subscription"),
     pytest.param("viewer", "select id from public.profiles where id <> %(viewer)s", id="viewer_reads_profiles"),
@@ -510,9 +511,6 @@ def test_lookalike_platform_event_types_are_refused(conn, w, event_type):
     assert snapshot(conn) == before
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: reserved_event_type only refuses a family name followed by '.' or "
-                   "'_' (or the end); docs/security.md promises the families credit*, member*, org*, webhook*, so "
-                   "members_removed / organization_deleted / creditsgranted pass for platform events")
 @pytest.mark.parametrize("event_type", [
     "members_removed", "membership_revoked", "organization_deleted", "orgs_updated", "creditsgranted",
     "credit2_debit", "webhooks_replayed", "invites_accepted", "apikey_revoked", "plans_changed",
@@ -524,9 +522,6 @@ def test_event_types_in_the_documented_reserved_families_are_refused(conn, w, ev
     assert snapshot(conn) == before
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: record_audit_export lets a viewer (who may not record events) "
-                   "append a platform-typed audit_export event whose format and filters are arbitrary and unbounded "
-                   "(no 16 KB limit) to the org's immutable log, as often as they like")
 @pytest.mark.parametrize(("fmt", "filters"), [
     pytest.param("csv", {"note": "x" * 200_000}, id="200kb_filters"),
     pytest.param("ndjson\nmember_removed admin@acme.test", {}, id="forged_format_text"),

@@ -93,7 +93,8 @@ def _length(data: bytes) -> int:
 
 def balance(server: dict[str, Any]) -> int:
     with psycopg.connect(server["url"]) as c:
-        return c.execute("select credit_balance from public.orgs where slug = 'acme'").fetchone()[0]
+        return c.execute("select a.balance from public.credit_accounts a join public.orgs o on o.id = a.id"
+                         " where o.slug = 'acme'").fetchone()[0]
 
 
 def json_error(status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]:

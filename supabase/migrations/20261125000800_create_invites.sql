@@ -124,7 +124,8 @@ begin
   elsif v_inv.expires_at <= now() then
     perform private.err(409, 'invite_expired', 'This invite has expired.');
   end if;
-  if v_inv.invited_by is not null and not exists (
+  -- Invites are sent by an org admin (create_invite); no sender left (their account was deleted) is no admin.
+  if v_inv.invited_by is null or not exists (
       select 1 from public.org_members m
       where m.org_id = v_inv.org_id and m.user_id = v_inv.invited_by and m.role = 'admin') then
     perform private.err(409, 'invite_revoked', 'The admin who sent this invite no longer administers the org.');

@@ -21,7 +21,7 @@ begin
   -- must never pass for one.
   return p_type = any (private.platform_event_types())
       or split_part(p_type, '.', 1) = any (private.platform_event_types())
-      or p_type ~ ('^(credit|audit|api_key|member|invite|org|plan|spend_limit|hold|webhook|stripe'
+      or p_type ~ ('^(credit|audit|api_?key|member|invite|org|plan|spend_limit|hold|webhook|stripe'
                    '|subscription|topup|balance|platform|upshift)');
 end $$;
 comment on function private.reserved_event_type(text) is
@@ -113,10 +113,11 @@ begin
     if jsonb_typeof(m -> 'applied') is distinct from 'boolean' then
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.applied', 'required for fix, a boolean.');
     end if;
-    if jsonb_typeof(m -> 'fix_count') is distinct from 'number' or (m ->> 'fix_count')::numeric < 0
+    if jsonb_typeof(m -> 'fix_count') is distinct from 'number'
+       or (m ->> 'fix_count')::numeric not between 0 and 1000000
        or (m ->> 'fix_count')::numeric <> trunc((m ->> 'fix_count')::numeric) then
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.fix_count',
-        'required for fix, a whole number >= 0.');
+        'required for fix, a whole number from 0 to 1000000.');
     end if;
     foreach f in array array['from_version', 'to_version'] loop
       if m ? f and jsonb_typeof(m -> f) not in ('string', 'null') then
@@ -124,10 +125,11 @@ begin
       end if;
     end loop;
   elsif v_type = 'scan_upload' then
-    if jsonb_typeof(m -> 'outdated_count') is distinct from 'number' or (m ->> 'outdated_count')::numeric < 0
+    if jsonb_typeof(m -> 'outdated_count') is distinct from 'number'
+       or (m ->> 'outdated_count')::numeric not between 0 and 1000000
        or (m ->> 'outdated_count')::numeric <> trunc((m ->> 'outdated_count')::numeric) then
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.outdated_count',
-        'required for scan_upload, a whole number >= 0.');
+        'required for scan_upload, a whole number from 0 to 1000000.');
     end if;
     if jsonb_typeof(m -> 'cwd') is distinct from 'string' then
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.cwd', 'required for scan_upload, a string.');
