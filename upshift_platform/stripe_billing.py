@@ -95,11 +95,11 @@ def verify_event(settings: Settings, payload: bytes, signature: str | None) -> d
     except stripe.SignatureVerificationError as exc:
         reason = "timestamp outside the tolerance" if "tolerance" in str(exc).lower() else "no matching signature"
         raise ApiError(400, "invalid_signature", f"Stripe signature verification failed: {reason}.") from None
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, TypeError):  # TypeError: hmac.compare_digest on a non-ASCII signature
         raise ApiError(400, "invalid_signature", "The Stripe-Signature header is malformed.") from None
     try:
         event = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError(400, "invalid_payload", "The body is not JSON.") from None
     if not isinstance(event, dict):
         raise ApiError(400, "invalid_payload", "The body is not a Stripe event.")
