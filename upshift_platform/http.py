@@ -26,6 +26,7 @@ import psycopg
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from .encoding import dumps
 from .errors import ApiError, from_database
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ def to_response(result: Any) -> flask.Response:
 
 def json_response(body: Any, status: int = 200) -> flask.Response:
     return flask.Response(
-        json.dumps(body, default=str, separators=(",", ":")),
+        dumps(body),
         status=status, mimetype="application/json",
     )
 

@@ -16,6 +16,7 @@ from .. import cursor as keyset
 from ..auth import request_headers, session
 from ..context import explicit_org
 from ..db import call
+from ..encoding import dumps
 from ..errors import ApiError, from_database
 from ..http import Ctx, Router
 from ..models import (
@@ -163,7 +164,7 @@ def export(ctx: Ctx):  # type: ignore[no-untyped-def]
                 yield csvsafe.line(row[c] for c in COLUMNS)
         else:
             for row in rows:
-                yield json.dumps(row, default=str, separators=(",", ":")) + "\n"
+                yield dumps(row) + "\n"
 
     mimetype = "text/csv" if q.format == "csv" else "application/x-ndjson"
     response = flask.Response(generate(), mimetype=mimetype)
