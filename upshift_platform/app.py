@@ -13,9 +13,11 @@ from typing import Any
 import flask
 from werkzeug.exceptions import HTTPException
 
+from .auth import Authenticator
 from .db import Database
 from .errors import ApiError
-from .http import MAX_BODY_BYTES, Router, error_response
+from .http import MAX_BODY_BYTES, error_response
+from .routing import Router
 from .settings import Settings, get_settings
 
 # Which function owns which paths (longest prefix first). Deployed, each function gets its own
@@ -49,8 +51,6 @@ def build_routers() -> dict[str, Router]:
 
 class Platform:
     def __init__(self, settings: Settings) -> None:
-        from .auth import Authenticator
-
         self.settings = settings
         self.db = Database(
             settings.database_url,

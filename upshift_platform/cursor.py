@@ -25,3 +25,10 @@ def decode(cursor: str | None) -> tuple[datetime, str] | None:
         return datetime.fromisoformat(created_at), str(uuid.UUID(row_id))
     except (ValueError, TypeError):
         raise ApiError(400, "invalid_cursor", "cursor is not one this API returned.", field="cursor") from None
+
+
+def page(rows: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """``{"data": ..., "next_cursor": ...}`` from ``limit + 1`` rows fetched newest first."""
+    data = rows[:limit]
+    more = len(rows) > limit
+    return {"data": data, "next_cursor": encode(data[-1]["created_at"], data[-1]["id"]) if more else None}

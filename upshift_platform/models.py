@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-OrgRef = Field(default=None, min_length=1, max_length=64, description="An org's id or slug")
+ORG_REF_MAX_LENGTH = 64
+OrgRef = Field(default=None, min_length=1, max_length=ORG_REF_MAX_LENGTH, description="An org's id or slug")
 
 
 class Strict(BaseModel):
@@ -74,6 +75,8 @@ class Org(BaseModel):
     plan: str
     credit_balance: int
     role: str
+    created_at: datetime
+    updated_at: datetime
 
 
 class OrgList(BaseModel):
@@ -111,6 +114,7 @@ class StatusOrg(BaseModel):
     slug: str
     name: str
     role: str
+    plan: str
 
 
 class BillingStatus(BaseModel):
@@ -120,6 +124,11 @@ class BillingStatus(BaseModel):
     source: Literal["org", "user"]
     org: StatusOrg | None
     personal_balance: int | None
+
+
+class StatusQuery(Lenient):
+    org_id: str | None = Field(default=None, description="An org's id or slug (or send X-Upshift-Org)",
+                               json_schema_extra={"minLength": 1, "maxLength": ORG_REF_MAX_LENGTH})
 
 
 class TransactionsQuery(Strict):
@@ -146,8 +155,19 @@ class AuditEventIn(Lenient):
 
 
 class AuditBatchIn(Lenient):
-    events: list[AuditEventIn] = Field(min_length=1, max_length=500)
+    # The 500 limit is checked by the handler (too_many_events) before each event is validated.
+    events: list[AuditEventIn] = Field(min_length=1, json_schema_extra={"maxItems": 500})
     org_id: str | None = OrgRef
+
+
+class AuditIngest(RootModel[AuditBatchIn | AuditEventIn]):
+    """What ``POST /audit-events`` takes: ``{"events": [...]}`` (a batch) or one event (the CLI's form)."""
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        """A body with ``events`` is a batch, anything else one event: each form's errors name its own fields."""
+        form = AuditBatchIn if isinstance(obj, dict) and "events" in obj else AuditEventIn
+        return cls(form.model_validate(obj, **kwargs))
 
 
 class AuditQuery(Strict):
