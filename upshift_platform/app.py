@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from .auth import Authenticator
 from .db import Database
 from .errors import ApiError
+from .handlers import audit, billing, common, orgs, webhook
 from .http import MAX_BODY_BYTES, error_response
 from .routing import Router
 from .settings import Settings, get_settings
@@ -35,17 +36,11 @@ FUNCTIONS = ("billing", "stripe_webhook", "audit", "orgs")
 
 
 def build_routers() -> dict[str, Router]:
-    from .handlers import common
-
     routers = {name: Router(name) for name in FUNCTIONS}
     for router in routers.values():
         router.include(common.router)
-    for module_name in ("billing", "orgs", "audit", "webhook"):
-        try:
-            module = __import__(f"upshift_platform.handlers.{module_name}", fromlist=["router"])
-        except ModuleNotFoundError:
-            continue
-        routers[module.router.name].include(module.router)
+    for handlers in (billing.router, orgs.router, audit.router, webhook.router):
+        routers[handlers.name].include(handlers)
     return routers
 
 
