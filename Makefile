@@ -28,6 +28,7 @@ LINT_DB ?= postgresql://postgres@127.0.0.1:5432/postgres
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/upshift-platform db lint --server $(LINT_DB)
 
 bench: $(STAMP)

@@ -85,12 +85,14 @@ def test_viewer_cannot_spend(client, acme, conn):
     [
         pytest.param({"action": "summon", "count": 1}, "unknown_action", "action", id="unknown_action"),
         pytest.param({"action": "fix", "count": 1}, "count_below_price", "count", id="count_below_price"),
-        pytest.param({"action": "explain", "count": 0}, "invalid_request", "count", id="zero_count"),
+        # The count's range is debit_credits' rule (its parameter is called amount); its type is checked first.
+        pytest.param({"action": "explain", "count": 0}, "invalid_amount", "count", id="zero_count"),
         pytest.param({"action": "explain", "count": "1"}, "invalid_request", "count", id="string_count"),
         pytest.param({"action": "explain", "count": 1.5}, "invalid_request", "count", id="float_count"),
         pytest.param({"count": 1}, "invalid_request", "action", id="missing_action"),
         pytest.param({"action": "explain"}, "invalid_request", "count", id="missing_count"),
-        pytest.param({"action": "explain", "count": 10**9}, "invalid_request", "count", id="huge_count"),
+        pytest.param({"action": "explain", "count": 10**9}, "invalid_amount", "count", id="huge_count"),
+        pytest.param({"action": "explain", "count": 2**63}, "invalid_request", "count", id="count_beyond_bigint"),
     ],
 )
 def test_consume_validation(client, acme, conn, body, code, field):

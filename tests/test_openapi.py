@@ -28,7 +28,7 @@ def test_openapi_is_valid_and_complete(client, platform):
     assert consume["responses"]["402"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "InsufficientCredits")
     schema = doc["components"]["schemas"]["Consume"]
-    assert schema["properties"]["count"]["minimum"] == 1  # the same constraint the handler enforces
+    assert schema["properties"]["count"]["minimum"] == 1  # described: debit_credits enforces it
     params = {p["name"] for p in doc["paths"]["/api/audit-logs"]["get"]["parameters"]}
     assert {"org_id", "since", "until", "event_type", "actor", "limit", "cursor"} <= params
 

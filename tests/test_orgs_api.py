@@ -44,8 +44,8 @@ def test_create_org_makes_caller_admin_and_lists_it(client, world):
     ("body", "status", "code", "field"),
     [
         pytest.param({"name": "X"}, 400, "invalid_request", "slug", id="missing_slug"),
-        pytest.param({"name": "X", "slug": "-bad-"}, 400, "invalid_request", "slug", id="bad_slug"),
-        pytest.param({"name": "", "slug": "ok"}, 400, "invalid_request", "name", id="empty_name"),
+        pytest.param({"name": "X", "slug": "-bad-"}, 400, "invalid_slug", "slug", id="bad_slug"),
+        pytest.param({"name": "", "slug": "ok"}, 400, "invalid_name", "name", id="empty_name"),
         pytest.param({"name": "X", "slug": "ok", "plan": "team"}, 400, "invalid_request", "plan", id="extra_field"),
         pytest.param({"name": "X", "slug": "acme"}, 409, "slug_taken", "slug", id="slug_taken"),
         pytest.param({"name": "X", "slug": "12345678-1234-1234-1234-123456789012"}, 400, "invalid_slug",

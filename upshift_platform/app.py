@@ -14,9 +14,12 @@ from typing import Any
 import flask
 from werkzeug.exceptions import HTTPException
 
+from .auth import Authenticator
 from .db import Database
 from .errors import ApiError
-from .http import MAX_BODY_BYTES, Router, error_response
+from .handlers import audit, billing, common, orgs, webhook
+from .http import MAX_BODY_BYTES, error_response
+from .routing import Router
 from .settings import Settings, get_settings
 
 # Which function owns which paths (longest prefix first). Deployed, each function gets its own
@@ -34,24 +37,16 @@ FUNCTIONS = ("billing", "stripe_webhook", "audit", "orgs")
 
 
 def build_routers() -> dict[str, Router]:
-    from .handlers import common
-
     routers = {name: Router(name) for name in FUNCTIONS}
     for router in routers.values():
         router.include(common.router)
-    for module_name in ("billing", "orgs", "audit", "webhook"):
-        try:
-            module = __import__(f"upshift_platform.handlers.{module_name}", fromlist=["router"])
-        except ModuleNotFoundError:
-            continue
-        routers[module.router.name].include(module.router)
+    for handlers in (billing.router, orgs.router, audit.router, webhook.router):
+        routers[handlers.name].include(handlers)
     return routers
 
 
 class Platform:
     def __init__(self, settings: Settings) -> None:
-        from .auth import Authenticator
-
         self.settings = settings
         self.db = Database(
             settings.database_url,

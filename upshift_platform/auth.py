@@ -12,17 +12,15 @@ import ipaddress
 import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import flask
 import jwt
 import psycopg
 
 from .db import act_as, call
 from .errors import ApiError
-from .http import Ctx
 from .settings import Settings
 
 API_KEY_PREFIXES = ("upk_", "ups_")
@@ -94,10 +92,10 @@ class Authenticator:
         signature, expiry, audience or role does not hold is a 401 without its body being read.
 
         Whether an API key exists and is active is *not* decided here: that lookup runs inside
-        the request's one database transaction in ``session()`` (``authenticate_api_key``), because
+        the request's one database transaction (``actor_from_key``, ``authenticate_api_key``), because
         a separate round trip before every request would cost the hot path (``POST
         /credits/consume``) a second database call. The consequence is that a well-formed but
-        unknown key gets its body read before it is refused; ``Ctx.raw_body`` caps that at
+        unknown key gets its body read before it is refused; ``http.read_body`` caps that at
         ``MAX_BODY_BYTES``.
         """
         if not authorization:
@@ -157,7 +155,7 @@ class Authenticator:
         return claims
 
 
-@dataclass
+@dataclass(frozen=True)
 class Actor:
     """The authenticated caller as Postgres sees it."""
 
@@ -172,11 +170,13 @@ class Actor:
         return self.user_id or self.key_id
 
 
-def client_ip(ctx: Ctx) -> str | None:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def client_ip(request: flask.Request, trusted: tuple[Network, ...]) -> str | None:
     """The caller's address: the peer, or X-Forwarded-For when the peer is a trusted proxy."""
-    trusted = ctx.platform.settings.trusted_networks
-    peer = ctx.request.remote_addr
-    hops = [h.strip() for h in (ctx.request.headers.get("X-Forwarded-For") or "").split(",") if h.strip()]
+    peer = request.remote_addr
+    hops = [h.strip() for h in (request.headers.get("X-Forwarded-For") or "").split(",") if h.strip()]
     chain = [*hops, peer] if peer else hops
     # Walk back from the nearest hop while it is one of our proxies.
     candidate = peer
@@ -194,54 +194,34 @@ def client_ip(ctx: Ctx) -> str | None:
         return None
 
 
-def request_headers(ctx: Ctx) -> dict[str, str]:
+def request_headers(request: flask.Request, trusted: tuple[Network, ...]) -> dict[str, str]:
+    """What the database sees as ``request.headers``: the user agent and the client address we resolved."""
     headers = {}
-    ua = ctx.request.headers.get("User-Agent")
+    ua = request.headers.get("User-Agent")
     if ua:
         headers["user-agent"] = ua[:512]
-    ip = client_ip(ctx)
+    ip = client_ip(request, trusted)
     if ip:
         headers["x-forwarded-for"] = ip
     return headers
 
 
-@contextmanager
-def session(ctx: Ctx) -> Iterator[tuple[Actor, psycopg.Cursor[Any]]]:
-    """Open the request's one transaction, acting as the caller.
+def actor_from_key(cur: psycopg.Cursor[Any], key_hash: str | None, headers: dict[str, str]) -> Actor:
+    """Look an API key up (in the request's transaction, as ``service_role``), then act as it.
 
-    The credential is the one ``Router.handle`` already checked (``ctx.credential``); the header
-    is parsed here only for a route not declared ``auth=True``. An API key is looked up in this
-    same transaction (see ``Authenticator.credential``): no extra round trip per request.
+    Afterwards the transaction runs as ``authenticated`` with the key's claims, as if the key
+    were an access token: a personal key as its owner, a service key as "key X of org Y".
     """
-    plat = ctx.platform
-    cred = ctx.credential
-    if cred is None:
-        cred = ctx.credential = plat.auth.credential(ctx.request.headers.get("Authorization"))
-    headers = request_headers(ctx)
-    if cred.kind == "jwt":
-        with plat.db.request("authenticated", cred.claims, headers) as cur:
-            actor = Actor(claims=cred.claims, user_id=str(cred.claims["sub"]))
-            ctx.actor_id = actor.id
-            yield actor, cur
-        return
-    with plat.db.request("service_role", None, headers) as cur:
-        row = call(cur, "authenticate_api_key", p_key_hash=cred.key_hash)
-        if row is None or row["status"] == "unknown":
-            raise unauthenticated("Unknown API key.")
-        if row["status"] != "active":
-            raise unauthenticated(f"API key is {row['status']}.")
-        upshift = {"key_id": str(row["key_id"]), "kind": row["kind"],
-                   "org_id": str(row["org_id"]) if row["org_id"] else None}
-        claims: dict[str, Any] = {"role": "authenticated", "aud": "authenticated", "upshift": upshift}
-        if row["kind"] == "personal":
-            claims["sub"] = str(row["user_id"])
-        act_as(cur, "authenticated", claims, headers)
-        actor = Actor(
-            claims=claims,
-            user_id=claims.get("sub"),
-            key_id=upshift["key_id"],
-            key_kind=row["kind"],
-            key_org_id=upshift["org_id"],
-        )
-        ctx.actor_id = actor.id
-        yield actor, cur
+    row = call(cur, "authenticate_api_key", p_key_hash=key_hash)
+    if row is None or row["status"] == "unknown":
+        raise unauthenticated("Unknown API key.")
+    if row["status"] != "active":
+        raise unauthenticated(f"API key is {row['status']}.")
+    upshift = {"key_id": str(row["key_id"]), "kind": row["kind"],
+               "org_id": str(row["org_id"]) if row["org_id"] else None}
+    claims: dict[str, Any] = {"role": "authenticated", "aud": "authenticated", "upshift": upshift}
+    if row["kind"] == "personal":
+        claims["sub"] = str(row["user_id"])
+    act_as(cur, "authenticated", claims, headers)
+    return Actor(claims=claims, user_id=claims.get("sub"), key_id=upshift["key_id"], key_kind=row["kind"],
+                 key_org_id=upshift["org_id"])

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(group: Any, name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
-        p = group.add_parser(name, help=help_, description=help_)
+        p: argparse.ArgumentParser = group.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
         return p
 

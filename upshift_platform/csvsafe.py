@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable
+from datetime import date, datetime
 from typing import Any
+
+from .encoding import dumps, timestamp
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 def cell(value: Any) -> str:
-    """One value as CSV text: JSON for objects and arrays, ISO 8601 for times, '' for null; escaped."""
+    """One value as CSV text: JSON for objects and arrays and times as in JSON (``encoding``), '' for null; escaped."""
     if isinstance(value, dict | list):
-        text = json.dumps(value, separators=(",", ":"))
-    elif hasattr(value, "isoformat"):
+        text = dumps(value)
+    elif isinstance(value, datetime):
+        text = timestamp(value)
+    elif isinstance(value, date):
         text = value.isoformat()
     else:
         text = "" if value is None else str(value)

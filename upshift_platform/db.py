@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg.rows import dict_row
@@ -81,7 +81,7 @@ class Database:
     def pool_connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         self.open()
         with self.pool.connection(timeout=10) as conn:
-            yield conn
+            yield cast("psycopg.Connection[dict[str, Any]]", conn)  # row_factory=dict_row, set in connect_kwargs
 
     def stream(self, role: str, claims: dict[str, Any], headers: dict[str, str] | None, sql: str,
                params: dict[str, Any], batch: int = 1000) -> Iterator[dict[str, Any]]:

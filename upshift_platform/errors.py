@@ -29,7 +29,7 @@ _DEFAULT_CODES = {
 class ApiError(Exception):
     """An error answer: HTTP ``status``, stable ``code``, human ``message``, extra fields."""
 
-    def __init__(self, status: int, code: str, message: str, **fields: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, /, **fields: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code

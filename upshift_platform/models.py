@@ -1,14 +1,45 @@
-"""Request and response models: they validate input and describe the API (OpenAPI)."""
+"""Request and response models: they check the JSON's shape and describe the API (OpenAPI).
+
+A rule has one home. Request models check only what JSON cannot get wrong for the database:
+objects vs arrays, strings vs numbers, required fields, UUIDs and date-times that parse,
+integers that fit a bigint, unknown fields where they are refused. Value rules (ranges,
+lengths, patterns, allowed values) are the database's: the RPC that takes the value checks it
+and answers with its own error code, for HTTP and ``supabase.rpc`` callers alike, and these
+models only *describe* them for OpenAPI (``described``). Rules the database has no part in stay
+here: query parameters that build our SQL, org references, what selects a price in our
+settings (pack, tier), the export format.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-OrgRef = Field(default=None, min_length=1, max_length=64, description="An org's id or slug")
+ORG_REF_MAX_LENGTH = 64
+OrgRef = Field(default=None, min_length=1, max_length=ORG_REF_MAX_LENGTH, description="An org's id or slug")
+# A bigint parameter: the range is the type's, so a larger number is a malformed one (400 invalid_request).
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+StrictInt64 = Annotated[Int64, Field(strict=True)]  # in a JSON body: 1, not "1", 1.0 or true
+
+
+def described(default: Any = ..., *, description: str | None = None, **schema: Any) -> Any:
+    """A field whose value rule is enforced elsewhere: described in the JSON schema, not checked here.
+
+    Elsewhere is the database (the RPC that takes the value), except for the org reference of
+    ``GET /billing/status``, which ``context.explicit_org`` checks like the header's.
+
+    ``schema`` holds JSON-schema keywords (``minLength``, ``maximum``, ``pattern``, ``enum``,
+    ``maxItems``, ...); on an optional field they describe its non-null form.
+    """
+
+    def describe(field_schema: dict[str, Any]) -> None:
+        branches = [b for b in field_schema.get("anyOf", []) if b.get("type") != "null"]
+        (branches[0] if len(branches) == 1 else field_schema).update(schema)
+
+    return Field(default, description=description, json_schema_extra=describe)
 
 
 class Strict(BaseModel):
@@ -29,27 +60,29 @@ class Error(BaseModel):
 # --- orgs ------------------------------------------------------------------------------------
 
 
+NAME: dict[str, Any] = {"minLength": 1, "maxLength": 100}
+SLUG: dict[str, Any] = {"minLength": 1, "maxLength": 40,
+                        "pattern": r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38}[A-Za-z0-9])?$"}
+ROLES: dict[str, Any] = {"enum": ["admin", "member", "viewer"]}
+
+
 class CreateOrg(Strict):
-    name: str = Field(min_length=1, max_length=100)
-    slug: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38}[A-Za-z0-9])?$")
+    name: str = described(**NAME)
+    slug: str = described(**SLUG)
 
 
 class UpdateOrg(Strict):
-    name: str | None = Field(default=None, min_length=1, max_length=100)
-    slug: str | None = Field(default=None, min_length=1, max_length=40,
-                             pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38}[A-Za-z0-9])?$")
-
-
-Role = Literal["admin", "member", "viewer"]
+    name: str | None = described(None, **NAME)
+    slug: str | None = described(None, **SLUG)
 
 
 class SetRole(Strict):
-    role: Role
+    role: str = described(**ROLES)
 
 
 class CreateInvite(Strict):
-    email: str = Field(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
-    role: Role = "member"
+    email: str = described(minLength=3, maxLength=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    role: str = described("member", **ROLES)
 
 
 class AcceptInvite(Strict):
@@ -57,14 +90,15 @@ class AcceptInvite(Strict):
 
 
 class CreateApiKey(Strict):
-    name: str = Field(min_length=1, max_length=100)
-    kind: Literal["personal", "service"] = "personal"
+    name: str = described(**NAME)
+    kind: str = described("personal", enum=["personal", "service"])
     org_id: str | None = OrgRef
     expires_at: datetime | None = None
 
 
 class SetDefaultOrg(Strict):
-    org_id: str | None = Field(default=None, max_length=64, description="An org id or slug; null clears it")
+    org_id: str | None = Field(default=None, max_length=ORG_REF_MAX_LENGTH,
+                               description="An org id or slug; null clears it")
 
 
 class Org(BaseModel):
@@ -74,6 +108,8 @@ class Org(BaseModel):
     plan: str
     credit_balance: int
     role: str
+    created_at: datetime
+    updated_at: datetime
 
 
 class OrgList(BaseModel):
@@ -86,10 +122,11 @@ class OrgList(BaseModel):
 class Consume(Lenient):
     """The upshift CLI's body: ``{"action": "explain", "count": 1}``."""
 
-    action: str = Field(min_length=1, max_length=40, description="explain, fix, audit, ...")
-    count: int = Field(ge=1, le=10000, strict=True, description="Credits to spend; at least the action's price")
+    action: str = described(description="explain, fix, audit, ...", minLength=1, maxLength=40)
+    count: StrictInt64 = described(description="Credits to spend; at least the action's price",
+                                  minimum=1, maximum=1_000_000)
     org_id: str | None = OrgRef
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: str | None = described(None, minLength=1, maxLength=200)
 
 
 class ConsumeResult(BaseModel):
@@ -111,6 +148,7 @@ class StatusOrg(BaseModel):
     slug: str
     name: str
     role: str
+    plan: str
 
 
 class BillingStatus(BaseModel):
@@ -120,6 +158,11 @@ class BillingStatus(BaseModel):
     source: Literal["org", "user"]
     org: StatusOrg | None
     personal_balance: int | None
+
+
+class StatusQuery(Lenient):
+    org_id: str | None = described(None, description="An org's id or slug (or send X-Upshift-Org)",
+                                   minLength=1, maxLength=ORG_REF_MAX_LENGTH)
 
 
 class TransactionsQuery(Strict):
@@ -136,18 +179,28 @@ class TransactionsQuery(Strict):
 class AuditEventIn(Lenient):
     """One event as the upshift CLI posts it. Type-specific metadata is checked by the database."""
 
-    event_type: str = Field(min_length=1, max_length=64,
-                            description="upgrade, fix, scan_upload, or any ^[a-z][a-z0-9_.]{0,63}$")
-    resource_type: str = Field(min_length=1, max_length=64)
-    resource_id: str | None = Field(default=None, max_length=512)
+    event_type: str = described(description="upgrade, fix, scan_upload, or any ^[a-z][a-z0-9_.]{0,63}$",
+                               minLength=1, maxLength=64)
+    resource_type: str = described(minLength=1, maxLength=64)
+    resource_id: str | None = described(None, maxLength=512)
     metadata: dict[str, Any] = Field(default_factory=dict, description="A JSON object of at most 16 KB")
     org_id: str | None = OrgRef
-    timestamp: str | None = Field(default=None, max_length=40, description="The client's ISO 8601 time")
+    timestamp: str | None = described(None, description="The client's ISO 8601 time", maxLength=40)
 
 
 class AuditBatchIn(Lenient):
-    events: list[AuditEventIn] = Field(min_length=1, max_length=500)
+    events: list[AuditEventIn] = described(minItems=1, maxItems=500)
     org_id: str | None = OrgRef
+
+
+class AuditIngest(RootModel[AuditBatchIn | AuditEventIn]):
+    """What ``POST /audit-events`` takes: ``{"events": [...]}`` (a batch) or one event (the CLI's form)."""
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        """A body with ``events`` is a batch, anything else one event: each form's errors name its own fields."""
+        form = AuditBatchIn if isinstance(obj, dict) and "events" in obj else AuditEventIn
+        return cls(form.model_validate(obj, **kwargs))
 
 
 class AuditQuery(Strict):
@@ -175,10 +228,10 @@ class AuditExportQuery(Strict):
 
 class AuditVerifyQuery(Strict):
     org_id: str | None = OrgRef
-    checkpoint_seq: int | None = Field(default=None, ge=0, le=2**63 - 1,
-                                       description="A checkpoint's seq (with checkpoint_hash): is its row still there?")
-    checkpoint_hash: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$",
-                                        description="The checkpoint's hash, 64 hex digits (with checkpoint_seq)")
+    checkpoint_seq: Int64 | None = described(
+        None, description="A checkpoint's seq (with checkpoint_hash): is its row still there?", minimum=0)
+    checkpoint_hash: str | None = described(
+        None, description="The checkpoint's hash, 64 hex digits (with checkpoint_seq)", pattern=r"^[0-9a-fA-F]{64}$")
 
 
 class AuditCheckpointQuery(Strict):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
 
 from . import __version__
-from .http import Route, Router
 from .models import Error
+from .routing import Route, Router
 
 _REASONS = {
     400: "Invalid input: the field is named in `field`",
@@ -54,7 +55,7 @@ class _Builder:
                 if "array" in str(prop):
                     param.update(style="form", explode=True)
                 params.append(param)
-        if route.auth and route.pattern not in ("/stripe/webhook",):
+        if route.auth:
             params.append({"name": "X-Upshift-Org", "in": "header", "required": False,
                            "schema": {"type": "string", "maxLength": 64},
                            "description": "Org context (id or slug); same as org_id"})
@@ -62,8 +63,8 @@ class _Builder:
 
     def operation(self, router: Router, route: Route) -> dict[str, Any]:
         op: dict[str, Any] = {
-            "operationId": f"{router.name}_{route.handler.__name__}",
-            "summary": route.summary or route.handler.__name__,
+            "operationId": f"{router.name}_{route.name}",
+            "summary": route.summary or route.name,
             "tags": [router.name],
             "parameters": self.parameters(route),
             "responses": {},
@@ -73,11 +74,8 @@ class _Builder:
         if route.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": self.ref(route.body)}}}
         ok: dict[str, Any] = {"description": "OK"}
-        if route.pattern == "/api/audit-logs/export":
-            ok["content"] = {"text/csv": {"schema": {"type": "string"}},
-                             "application/x-ndjson": {"schema": {"type": "string"}}}
-        elif route.pattern in ("/billing/success", "/billing/cancel"):
-            ok["content"] = {"text/html": {"schema": {"type": "string"}}}
+        if route.media_types:
+            ok["content"] = {media_type: {"schema": {"type": "string"}} for media_type in route.media_types}
         else:
             schema = self.ref(route.response) if route.response else {"type": "object"}
             ok["content"] = {"application/json": {"schema": schema}}
@@ -97,7 +95,7 @@ class _Builder:
         return op
 
 
-def document(routers: dict[str, Router], server_url: str | None = None) -> dict[str, Any]:
+def document(routers: Mapping[str, Router], server_url: str | None = None) -> dict[str, Any]:
     builder = _Builder()
     paths: dict[str, Any] = {}
     seen: set[tuple[str, str]] = set()

@@ -161,6 +161,7 @@ def credits_grant(args: argparse.Namespace) -> None:
 def credits_balance(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
+        row: dict[str, Any] | None
         if org:
             found = _org(cur, org)
             row = {"account": found["slug"], "plan": found["plan"], "balance": found["credit_balance"]}
@@ -296,7 +297,7 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
         return p.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
 
     def cmd(g: Any, name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        p = add(g, name, fn, help_)
+        p: argparse.ArgumentParser = add(g, name, fn, help_)
         db_target(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         return p

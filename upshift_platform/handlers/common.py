@@ -1,28 +1,26 @@
-"""Routes every function serves: health."""
+"""Routes every function serves: health and the OpenAPI document. Both are public."""
 
 from __future__ import annotations
 
-from ..http import Ctx, Router, json_response
+from typing import Any
+
+from ..errors import ApiError
+from ..openapi import document
+from ..routing import Ctx, Router
 
 router = Router("common")
 
 
-@router.route("GET", "/health", summary="Liveness and database reachability", auth=False,
-              errors=(503,))
-def health(ctx: Ctx):  # type: ignore[no-untyped-def]
+@router.route("GET", "/health", summary="Liveness and database reachability", errors=(503,))
+def health(ctx: Ctx) -> dict[str, str]:
     try:
         ctx.platform.db.ping()
     except Exception as exc:  # psycopg errors, pool timeouts, OS errors: all mean "unreachable" here
-        return json_response(
-            {"status": "degraded", "database": "unreachable", "error": "database_unavailable",
-             "message": f"The database is unreachable ({type(exc).__name__})."},
-            503,
-        )
+        raise ApiError(503, "database_unavailable", f"The database is unreachable ({type(exc).__name__}).",
+                       status="degraded", database="unreachable") from None
     return {"status": "ok", "database": "ok"}
 
 
-@router.route("GET", "/openapi.json", summary="This API's OpenAPI 3.1 description", auth=False)
-def openapi(ctx: Ctx):  # type: ignore[no-untyped-def]
-    from ..openapi import document
-
+@router.route("GET", "/openapi.json", summary="This API's OpenAPI 3.1 description")
+def openapi(ctx: Ctx) -> dict[str, Any]:
     return document(ctx.platform.routers, ctx.platform.settings.public_base_url)
