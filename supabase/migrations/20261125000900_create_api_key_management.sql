@@ -52,7 +52,7 @@ begin
   -- A service key spends its org's pool: take the lock spends take, so a spend in flight either
   -- finishes before the revocation or sees it.
   perform private.lock_account(k.org_id) from public.api_keys k where k.id = p_key_id and k.kind = 'service';
-  update public.api_keys k set revoked_at = coalesce(k.revoked_at, now())
+  update public.api_keys k set revoked_at = coalesce(k.revoked_at, clock_timestamp())  -- when it took effect
   where k.id = p_key_id
     and (p_via is not null  -- the operator, or the platform on a member's removal
          or (k.kind = 'personal' and k.user_id = (select auth.uid()))
