@@ -20,14 +20,15 @@ create table public.org_invites (
   constraint org_invites_email_format check (email ~ '^[^@\s]+@[^@\s]+$' and length(email) <= 320)
 );
 create index org_invites_org_id_idx on public.org_invites (org_id);
-comment on table public.org_invites is 'Single-use invitations (7 days); only the SHA-256 of the token is stored.';
 alter table public.org_invites enable row level security;
 revoke all on table public.org_invites from anon, authenticated, service_role;
+-- Admins read their org's invites directly (never the token's hash); writes only through RPCs.
+create policy org_invites_select_admin on public.org_invites for select to authenticated
+  using ((select private.has_role_on_org(org_id, array['admin'])));
 grant select on table public.org_invites to service_role;
 grant select (id, org_id, email, role, invited_by, created_at, expires_at, accepted_at, accepted_by, revoked_at)
   on table public.org_invites to authenticated;
-create policy org_invites_select_admin on public.org_invites for select to authenticated
-  using ((select private.has_role_on_org(org_id, array['admin'])));
+comment on table public.org_invites is 'Single-use invitations (7 days); only the SHA-256 of the token is stored.';
 
 create function private.invite_json(i public.org_invites) returns jsonb
 language sql stable set search_path = '' as $$

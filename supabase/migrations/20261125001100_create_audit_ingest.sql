@@ -54,6 +54,15 @@ begin
 end $$;
 revoke all on function private.ingest_error(integer, text, integer, text, text) from public, anon, authenticated, service_role;
 
+create function private.is_count(v jsonb) returns boolean
+language plpgsql immutable set search_path = '' as $$
+begin
+  return jsonb_typeof(v) = 'number' and (v::text)::numeric between 0 and 1000000
+         and (v::text)::numeric = trunc((v::text)::numeric);
+end $$;
+comment on function private.is_count(jsonb) is 'Is this JSON value a whole number from 0 to 1000000 (a count)?';
+revoke all on function private.is_count(jsonb) from public, anon, authenticated, service_role;
+
 create function private.check_audit_event(e jsonb, i integer) returns void
 language plpgsql set search_path = '' as $$
 declare
@@ -113,9 +122,7 @@ begin
     if jsonb_typeof(m -> 'applied') is distinct from 'boolean' then
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.applied', 'required for fix, a boolean.');
     end if;
-    if jsonb_typeof(m -> 'fix_count') is distinct from 'number'
-       or (m ->> 'fix_count')::numeric not between 0 and 1000000
-       or (m ->> 'fix_count')::numeric <> trunc((m ->> 'fix_count')::numeric) then
+    if not private.is_count(m -> 'fix_count') then
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.fix_count',
         'required for fix, a whole number from 0 to 1000000.');
     end if;
@@ -125,9 +132,7 @@ begin
       end if;
     end loop;
   elsif v_type = 'scan_upload' then
-    if jsonb_typeof(m -> 'outdated_count') is distinct from 'number'
-       or (m ->> 'outdated_count')::numeric not between 0 and 1000000
-       or (m ->> 'outdated_count')::numeric <> trunc((m ->> 'outdated_count')::numeric) then
+    if not private.is_count(m -> 'outdated_count') then
       perform private.ingest_error(400, 'invalid_metadata', i, 'metadata.outdated_count',
         'required for scan_upload, a whole number from 0 to 1000000.');
     end if;

@@ -29,9 +29,7 @@ begin
   end if;
   return jsonb_build_object('scope_id', c.org_id, 'org_id', c.org_id, 'kind', 'org', 'role', c.role);
 end $$;
-comment on function public.audit_scope(text) is
-  'Check the caller may read the audit log of the request''s org context (admin or viewer, Team plan), or their '
-  'own when there is none.';
+comment on function public.audit_scope(text) is 'Whose audit log the caller may read: the org context''s or theirs.';
 revoke all on function public.audit_scope(text) from public, anon, authenticated, service_role;
 grant execute on function public.audit_scope(text) to authenticated;
 

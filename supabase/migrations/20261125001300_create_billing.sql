@@ -40,11 +40,11 @@ create table public.stripe_payments (
   constraint stripe_payments_credits_positive check (credits > 0),
   constraint stripe_payments_reversed_range check (credits_reversed >= 0)
 );
-comment on table public.stripe_payments is
-  'Credit-pack payments (key: payment intent, else checkout session) and how much of them was refunded or disputed.';
 alter table public.stripe_payments enable row level security;
 revoke all on table public.stripe_payments from anon, authenticated, service_role;
 grant select on table public.stripe_payments to service_role;
+comment on table public.stripe_payments is
+  'Credit-pack payments (key: payment intent, else checkout session) and how much of them was refunded or disputed.';
 
 create table private.subscription_statuses (
   status text primary key,
@@ -123,6 +123,7 @@ grant execute on function public.begin_checkout(text, text) to authenticated;
 
 create function public.set_stripe_customer(account_kind text, account_id uuid, customer_id text) returns text
 language plpgsql volatile security definer set search_path = '' as $$
+-- Called by the functions after begin_checkout decided who pays: the account id is the database's own.
 declare
   v text;
 begin

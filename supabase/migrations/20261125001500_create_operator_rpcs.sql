@@ -24,6 +24,7 @@ grant execute on function public.admin_get_org(text) to service_role;  -- backen
 
 create function public.admin_find_user(email text, create_missing boolean default false) returns uuid
 language plpgsql volatile security definer set search_path = '' as $$
+-- Emails compare case-insensitively, as Supabase Auth treats them.
 declare
   v uuid;
 begin
@@ -166,6 +167,7 @@ grant execute on function public.admin_set_org_plan(text, text) to service_role;
 
 create function public.admin_set_prices(prices jsonb, replace_all boolean default false) returns jsonb
 language plpgsql volatile security definer set search_path = '' as $$
+-- Each price is checked before it is written; with replace_all, actions not named are dropped afterwards.
 declare
   r record;
 begin
