@@ -57,8 +57,8 @@ revoke all on function private.ingest_error(integer, text, integer, text, text) 
 create function private.is_count(v jsonb) returns boolean
 language plpgsql immutable set search_path = '' as $$
 begin
-  return jsonb_typeof(v) = 'number' and (v::text)::numeric between 0 and 1000000
-         and (v::text)::numeric = trunc((v::text)::numeric);
+  return coalesce(jsonb_typeof(v) = 'number' and (v::text)::numeric between 0 and 1000000
+                  and (v::text)::numeric = trunc((v::text)::numeric), false);  -- missing: not a count
 end $$;
 comment on function private.is_count(jsonb) is 'Is this JSON value a whole number from 0 to 1000000 (a count)?';
 revoke all on function private.is_count(jsonb) from public, anon, authenticated, service_role;
