@@ -294,7 +294,7 @@ def test_members_see_only_what_their_role_allows(conn, w, persona, sql):
     pytest.param("select * from public.stripe_events", id="stripe_events"),
     pytest.param("select * from public.stripe_payments", id="stripe_payments"),
     pytest.param("select * from public.audit_ingest_keys", id="audit_ingest_keys"),
-    pytest.param("select * from private.audit_purge_permits", id="purge_permits"),
+    pytest.param("select * from private.audit_permits", id="purge_permits"),
     pytest.param("select private.verify_audit_scope(%(acme)s)", id="private_verify_any_scope"),
     pytest.param("select private.org_json(%(acme)s, 'admin')", id="private_org_json"),
     pytest.param("select private.find_org('acme')", id="private_find_org"),

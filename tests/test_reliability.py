@@ -135,7 +135,7 @@ def test_terminated_backend_leaves_no_partial_write_and_retry_applies_once(db_ur
     if when == "mid_statement":
         # Hold the locks the operation needs, so it is killed while blocked inside the RPC.
         blocker = psycopg.connect(db_url, row_factory=dict_row)
-        blocker.execute("select 1 from public.orgs where id = %s for update", (org,))
+        blocker.execute("select 1 from public.credit_accounts where id = %s for update", (org,))
         blocker.execute("select pg_advisory_xact_lock(hashtextextended('audit:' || %s, 0))", (org,))
 
     def run_victim():

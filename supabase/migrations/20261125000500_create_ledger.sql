@@ -232,16 +232,18 @@ begin
           p_metadata || case when p_partial then jsonb_build_object('requested', -p_amount,
                                                                     'shortfall', v_amount - p_amount) else '{}' end)
   returning * into v_tx;
-  if p_audit then
-    perform private.audit_append(p_account, case when v_org then p_account end,
-      case when v_amount < 0 then 'credit_debit' else 'credits_granted' end, 'credit_transaction', v_tx.id::text,
-      case when v_amount < 0 then
-        jsonb_build_object('amount', -v_amount, 'reason', p_reason, 'source', case when v_org then 'org' else 'user' end,
-                           'balance_after', v_balance, 'idempotency_key', p_key)
-      else
-        jsonb_build_object('amount', v_amount, 'reason', p_reason, 'balance_after', v_balance,
-                           'idempotency_key', p_key, 'metadata', p_metadata)
-      end);
+  if p_audit and v_amount < 0 then
+    -- The spend path: the event is written now, in this transaction, and sealed into the chain right after
+    -- commit, so that spends do not queue on the org's chain as well as on its balance.
+    perform private.audit_append_pending(p_account, case when v_org then p_account end, 'credit_debit',
+      'credit_transaction', v_tx.id::text,
+      jsonb_build_object('amount', -v_amount, 'reason', p_reason, 'source', case when v_org then 'org' else 'user' end,
+                         'balance_after', v_balance, 'idempotency_key', p_key));
+  elsif p_audit then
+    perform private.audit_append(p_account, case when v_org then p_account end, 'credits_granted',
+      'credit_transaction', v_tx.id::text,
+      jsonb_build_object('amount', v_amount, 'reason', p_reason, 'balance_after', v_balance,
+                         'idempotency_key', p_key, 'metadata', p_metadata));
   end if;
   return private.tx_json(v_tx, false);
 end $$;

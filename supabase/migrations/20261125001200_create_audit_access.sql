@@ -65,10 +65,11 @@ revoke all on function public.record_audit_export(text, text, jsonb) from public
 grant execute on function public.record_audit_export(text, text, jsonb) to authenticated;
 
 create function public.verify_audit_log(org text default null) returns jsonb
-language plpgsql stable security definer set search_path = '' as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_scope jsonb := public.audit_scope(verify_audit_log.org);
 begin
+  perform private.seal_audit_scope((v_scope ->> 'scope_id')::uuid);  -- every committed event is in the chain
   return private.verify_audit_scope((v_scope ->> 'scope_id')::uuid) || jsonb_build_object('org_id', v_scope -> 'org_id');
 end $$;
 comment on function public.verify_audit_log(text) is
@@ -77,17 +78,18 @@ revoke all on function public.verify_audit_log(text) from public, anon, authenti
 grant execute on function public.verify_audit_log(text) to authenticated;
 
 create function public.audit_head(org text default null) returns jsonb
-language plpgsql stable security definer set search_path = '' as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_scope jsonb := public.audit_scope(audit_head.org);
   v_scope_id uuid := (v_scope ->> 'scope_id')::uuid;
   v_seq bigint;
   v_hash bytea;
 begin
-  -- Appends are serialised per scope and commit in seq order, so any snapshot holds a prefix of
-  -- the chain: its last row is the head.
+  -- Every committed event sealed first; sealing is serialised per scope and commits in seq order, so
+  -- the snapshot after it holds a prefix of the chain: its last row is the head.
+  perform private.seal_audit_scope(v_scope_id);
   select l.seq, l.hash into v_seq, v_hash from public.audit_logs l
-  where l.scope_id = v_scope_id order by l.seq desc limit 1;
+  where l.scope_id = v_scope_id and l.seq is not null order by l.seq desc limit 1;
   if v_seq is null then
     -- Empty: the chain starts at the retention checkpoint, or at seq 0 and the zero hash.
     select c.seq, c.hash into v_seq, v_hash from public.audit_checkpoints c where c.scope_id = v_scope_id;
@@ -107,7 +109,7 @@ comment on function public.audit_head(text) is
 
 create function public.verify_audit_checkpoint(checkpoint_seq bigint, checkpoint_hash text, org text default null)
 returns jsonb
-language plpgsql stable security definer set search_path = '' as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_zero constant bytea := '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea;
   v_scope jsonb;
@@ -139,6 +141,7 @@ begin
   v_hash := decode(verify_audit_checkpoint.checkpoint_hash, 'hex');
   v_scope := public.audit_scope(verify_audit_checkpoint.org);
   v_scope_id := (v_scope ->> 'scope_id')::uuid;
+  perform private.seal_audit_scope(v_scope_id);
   v_result := private.verify_audit_scope(v_scope_id) || jsonb_build_object('org_id', v_scope -> 'org_id');
   select * into v_cp from public.audit_checkpoints c where c.scope_id = v_scope_id;
 
@@ -246,3 +249,26 @@ comment on function public.purge_audit_logs(timestamptz) is
   'remaining chain still verifies.';
 revoke all on function public.purge_audit_logs(timestamptz) from public, anon, authenticated, service_role;
 grant execute on function public.purge_audit_logs(timestamptz) to service_role;  -- backend only
+
+create function public.seal_audit_logs(max_scopes integer default 1000) returns jsonb
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_scopes integer := 0;
+  v_sealed bigint := 0;
+  v_n integer;
+  r record;
+begin
+  perform private.require_backend('seal_audit_logs');
+  for r in select distinct l.scope_id from public.audit_logs l where l.seq is null limit greatest(max_scopes, 1) loop
+    v_n := private.seal_audit_scope(r.scope_id, false);  -- a scope someone is sealing right now is theirs
+    if v_n > 0 then
+      v_scopes := v_scopes + 1;
+      v_sealed := v_sealed + v_n;
+    end if;
+  end loop;
+  return jsonb_build_object('scopes', v_scopes, 'sealed', v_sealed);
+end $$;
+comment on function public.seal_audit_logs(integer) is
+  'Backend (the background sealer): seal every scope''s pending events that nobody is sealing right now.';
+revoke all on function public.seal_audit_logs(integer) from public, anon, authenticated, service_role;
+grant execute on function public.seal_audit_logs(integer) to service_role;  -- backend only

@@ -198,14 +198,18 @@ revoke all on function public.admin_set_prices(jsonb, boolean) from public, anon
 grant execute on function public.admin_set_prices(jsonb, boolean) to service_role;  -- backend only
 
 create function public.admin_verify_audit_log(org text default null, user_id uuid default null) returns jsonb
-language plpgsql stable security definer set search_path = '' as $$
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_scope uuid;
 begin
   perform private.require_backend('admin_verify_audit_log');
   if (admin_verify_audit_log.org is null) = (admin_verify_audit_log.user_id is null) then
     perform private.err(400, 'invalid_account', 'Give exactly one of org and user_id.');
   end if;
-  return private.verify_audit_scope(coalesce(admin_verify_audit_log.user_id,
-    private.operator_org('admin_verify_audit_log', admin_verify_audit_log.org)));
+  v_scope := coalesce(admin_verify_audit_log.user_id,
+                      private.operator_org('admin_verify_audit_log', admin_verify_audit_log.org));
+  perform private.seal_audit_scope(v_scope);
+  return private.verify_audit_scope(v_scope);
 end $$;
 comment on function public.admin_verify_audit_log(text, uuid) is 'Operator: verify any scope''s chain.';
 revoke all on function public.admin_verify_audit_log(text, uuid) from public, anon, authenticated, service_role;
