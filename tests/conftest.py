@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import jwt
@@ -22,9 +28,13 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests import stripe_fakes as sf
 from upshift_platform import embedded
 from upshift_platform.migrate import migrate
 from upshift_platform.paths import project_root
+
+if TYPE_CHECKING:
+    from upshift_platform.settings import Settings
 
 TEST_JWT_SECRET = "test-secret-for-hs256-tokens-only-in-tests-0123456789"
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -143,6 +153,33 @@ class World:
             (org_id, user_id, role),
         )
 
+    def team(self, slug: str = "acme", *, balance: int, roles: dict[str, str] | None = None,
+             outsider: bool = False) -> dict[str, str]:
+        """An org on the Team plan with ``balance`` credits, its admin, and a member per ``roles`` entry
+        (name -> role; default a ``member`` and a ``viewer``), each user ``<name>@<slug>.test``.
+
+        The result holds the org's id under ``org`` and each user's id under its name (``admin`` too);
+        with ``outsider``, also ``outsider`` and ``other``: another org (no credits) and its admin.
+        """
+        roles = {"member": "member", "viewer": "viewer"} if roles is None else roles
+        admin = self.user(f"admin@{slug}.test")
+        people = {name: self.user(f"{name}@{slug}.test") for name in roles}
+        org = self.org(slug, plan="team", balance=balance, admin=admin)
+        for name, role in roles.items():
+            self.member(org, people[name], role)
+        if outsider:
+            people["outsider"] = self.user("out@other.test")
+            people["other"] = self.org("other", admin=people["outsider"])
+        return {"org": org, "admin": admin, **people}
+
+    def crowd(self, slug: str, *, balance: int, members: int) -> tuple[str, list[str]]:
+        """An org with an admin, ``balance`` credits and ``members`` more members: its id, and theirs."""
+        org = self.org(slug, balance=balance, admin=self.user())
+        users = [self.user() for _ in range(members)]
+        for user in users:
+            self.member(org, user, "member")
+        return org, users
+
 
 def age_audit_logs(conn: psycopg.Connection[Any], scope_id: str, days: int, *, until: Any = None) -> None:
     """Make a scope's audit rows (those created before ``until``, default all) ``days`` older, as the owner.
@@ -193,6 +230,40 @@ def as_role(conn: psycopg.Connection[dict[str, Any]]):  # type: ignore[no-untype
     return enter
 
 
+def run_together(db_url: str, clients: int, work: Callable[[int, psycopg.Connection[dict[str, Any]]], None]) -> None:
+    """``work(i, conn)`` for each of ``clients`` threads, each on its own autocommit connection, all
+    released at once (once every one is connected)."""
+    barrier = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
+            barrier.wait(timeout=60)
+            work(i, c)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+
+
+def functions_where(conn: psycopg.Connection[Any], condition: str) -> list[str]:
+    """The functions in ``public`` and ``private`` (``pg_proc p``) for which the SQL ``condition`` holds."""
+    rows = conn.execute(
+        "select p.oid::regprocedure::text as fn from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+        f" where n.nspname in ('public', 'private') and ({condition})").fetchall()
+    return [r["fn"] for r in rows]
+
+
+def cases(table: dict[str, dict[str, Any]]) -> list[Any]:
+    """Test cases of two values, grouped by the first: ``{first: {case_id: second}}`` as
+    ``pytest.param(first, second, id=case_id)``."""
+    return [pytest.param(first, second, id=case_id) for first, group in table.items()
+            for case_id, second in group.items()]
+
+
+def by_id(table: dict[str, Any]) -> list[Any]:
+    """Test cases of one value: ``{case_id: value}`` as ``pytest.param(value, id=case_id)``."""
+    return [pytest.param(value, id=case_id) for case_id, value in table.items()]
+
+
 # --- HTTP ------------------------------------------------------------------------------------
 
 
@@ -228,3 +299,46 @@ def client(platform):  # type: ignore[no-untyped-def]
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def serve(db_url: str, *, workers: int, jwt_secret: str = "x" * 40) -> tuple[subprocess.Popen[bytes], int]:
+    """``upshift-platform serve`` (gunicorn) on a free port in its own process group, once it answers /health.
+
+    Stop it (master and workers) with ``os.killpg(proc.pid, ...)``.
+    """
+    port = embedded.free_port()
+    env = {**os.environ, "DATABASE_URL": db_url, "SUPABASE_JWT_SECRET": jwt_secret}
+    proc = subprocess.Popen([sys.executable, "-m", "upshift_platform.cli", "serve", "--port", str(port),
+                             "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("server did not start")
+
+
+# --- Stripe ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[sf.StripeStandIn]:
+    """A local stand-in for Stripe's API (``tests/stripe_fakes.py``), one per test module."""
+    server = sf.StripeStandIn()
+    yield server
+    server.close()
+
+
+def stripe_settings(db_url: str, standin: sf.StripeStandIn, **overrides: Any) -> Settings:
+    """Settings with Stripe configured (test keys, webhook secret, prices) against ``standin``; ``overrides`` win."""
+    from upshift_platform.settings import Settings, StripeSettings
+
+    cfg = StripeSettings(secret_key=sf.SECRET_KEY, webhook_secret=sf.WEBHOOK_SECRET, prices=dict(sf.PRICES),
+                         api_base=standin.url)
+    base = {"database_url": db_url, "jwt_secret": TEST_JWT_SECRET, "pool_max": 4,
+            "public_base_url": "https://upshift.example", "stripe": cfg}
+    return Settings(**{**base, **overrides})

@@ -27,14 +27,9 @@ CLI = {"Content-Type": "application/json", "User-Agent": "node"}
 
 @pytest.fixture
 def acme(world):
-    admin, member, viewer = world.user("admin@acme.test"), world.user("member@acme.test"), world.user("v@acme.test")
-    org = world.org("acme", plan="team", balance=100, admin=admin)
-    world.member(org, member, "member")
-    world.member(org, viewer, "viewer")
-    outsider = world.user("out@other.test")
-    world.org("other", admin=outsider)
-    return {"org": org, "admin": admin, "member": member, "viewer": viewer, "outsider": outsider,
-            "member_key": world.key(member, org=org), "ci_key": world.key(admin, kind="service", org=org)}
+    acme = world.team(balance=100, outsider=True)
+    return {**acme, "member_key": world.key(acme["member"], org=acme["org"]),
+            "ci_key": world.key(acme["admin"], kind="service", org=acme["org"])}
 
 
 def post(client, token, body, **headers):

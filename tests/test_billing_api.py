@@ -11,15 +11,13 @@ CLI_HEADERS = {"Content-Type": "application/json", "User-Agent": "node"}
 
 @pytest.fixture
 def acme(world):
-    admin, member, viewer = world.user("admin@acme.test"), world.user("member@acme.test"), world.user("v@acme.test")
-    org = world.org("acme", plan="team", balance=6, admin=admin)
-    world.member(org, member, "member")
-    world.member(org, viewer, "viewer")
+    acme = world.team(balance=6)
+    org = acme["org"]
     return {
-        "org": org, "admin": admin, "member": member, "viewer": viewer,
-        "member_key": world.key(member, org=org)["secret"],
-        "ci_key": world.key(admin, kind="service", org=org)["secret"],
-        "viewer_key": world.key(viewer, org=org)["secret"],
+        **acme,
+        "member_key": world.key(acme["member"], org=org)["secret"],
+        "ci_key": world.key(acme["admin"], kind="service", org=org)["secret"],
+        "viewer_key": world.key(acme["viewer"], org=org)["secret"],
     }
 
 

@@ -14,8 +14,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -28,8 +26,7 @@ import pytest
 from werkzeug.test import create_environ, run_wsgi_app
 
 from tests import stripe_fakes as sf
-from tests.conftest import TEST_JWT_SECRET, bearer, make_token
-from upshift_platform import embedded
+from tests.conftest import TEST_JWT_SECRET, bearer, make_token, serve
 from upshift_platform.app import Platform, create_wsgi_app
 from upshift_platform.http import MAX_BODY_BYTES, READ_CHUNK_BYTES
 from upshift_platform.paths import project_root
@@ -290,23 +287,6 @@ def test_stripe_webhook_body_over_the_limit_is_413_even_when_correctly_signed(st
 # --- a real gunicorn server, a real 300 MiB chunked upload ------------------------------------
 
 
-def _serve(db_url: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = embedded.free_port()
-    env = {**os.environ, "DATABASE_URL": db_url, "SUPABASE_JWT_SECRET": "x" * 40}
-    proc = subprocess.Popen([sys.executable, "-m", "upshift_platform.cli", "serve", "--port", str(port),
-                             "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return proc, port
-        except OSError:
-            time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("server did not start")
-
-
 def _children(pid: int) -> list[int]:
     kids: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -374,7 +354,7 @@ def _chunked_post(port: int, path: str, headers: dict[str, str], total: int) -> 
 
 
 def test_real_server_300mib_chunked_posts_are_refused_in_bounded_memory(db_url, acme, capsys):
-    proc, port = _serve(db_url)
+    proc, port = serve(db_url, workers=1)
     try:
         (worker,) = _children(proc.pid)
         # Warm the worker up on the same paths first (imports, pool, JSON), so what follows measures the body.

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg.rows import dict_row
 
-from tests.conftest import acting_as, claims_for
+from tests.conftest import acting_as, claims_for, run_together
 
 
 @pytest.fixture
@@ -192,29 +190,21 @@ def test_no_role_writes_the_ledger(team, as_role):
 
 def test_concurrent_spenders_never_overdraw(db_url, conn, world):
     n_credits, attempts, clients = 40, 90, 32
-    admin = world.user()
-    org = world.org("hot", admin=admin, balance=n_credits)
-    spenders = [world.user() for _ in range(8)]
-    for u in spenders:
-        world.member(org, u, "member")
-    barrier = threading.Barrier(clients)
+    org, spenders = world.crowd("hot", balance=n_credits, members=8)
     outcomes: list[str] = []
     lock = threading.Lock()
 
-    def worker(i: int) -> None:
-        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-            barrier.wait(timeout=60)
-            for j in range(i, attempts, clients):
-                try:
-                    debit(c, spenders[j % len(spenders)], 1, org="hot")
-                    result = "ok"
-                except psycopg.Error as exc:
-                    result = exc.diag.sqlstate or "?"
-                with lock:
-                    outcomes.append(result)
+    def worker(i: int, c) -> None:
+        for j in range(i, attempts, clients):
+            try:
+                debit(c, spenders[j % len(spenders)], 1, org="hot")
+                result = "ok"
+            except psycopg.Error as exc:
+                result = exc.diag.sqlstate or "?"
+            with lock:
+                outcomes.append(result)
 
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
+    run_together(db_url, clients, worker)
     assert len(outcomes) == attempts
     assert outcomes.count("ok") == n_credits
     assert set(outcomes) == {"ok", "PT402"}

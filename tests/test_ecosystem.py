@@ -7,6 +7,7 @@ import tomllib
 
 import functions_framework
 import pytest
+from functions_framework import _function_registry
 
 from upshift_platform.paths import project_root
 
@@ -43,9 +44,13 @@ def test_requirements_txt_matches_pyproject():
     assert sorted(lines) == sorted(d.split(";")[0].split("  #")[0].strip() for d in deps)
 
 
-@pytest.mark.parametrize("target", ["billing", "stripe_webhook", "audit", "orgs"])
-def test_each_function_deploys_alone(target, db_url, monkeypatch):
-    """functions-framework loads each target from the root main.py, as Cloud Run functions would."""
+TARGETS = ["billing", "stripe_webhook", "audit", "orgs"]
+
+
+@pytest.fixture
+def deploy(db_url, monkeypatch):
+    """``deploy(target, source)``: functions-framework's app for one target, as Cloud Run functions would
+    build it: from the environment alone, with no platform made yet (closed afterwards)."""
     import upshift_platform.app as app_module
     from upshift_platform.settings import get_settings
 
@@ -54,14 +59,35 @@ def test_each_function_deploys_alone(target, db_url, monkeypatch):
     get_settings.cache_clear()
     monkeypatch.setattr(app_module, "_platform", None)
     try:
-        app = functions_framework.create_app(target, str(ROOT / "main.py"))
-        client = app.test_client()
-        health = client.get("/health")
-        assert health.status_code == 200 and health.get_json()["database"] == "ok"
-        other = {"billing": "/api/orgs", "orgs": "/credits/consume", "audit": "/billing/status",
-                 "stripe_webhook": "/api/me"}[target]
-        assert client.get(other).status_code in (404, 405)  # not this function's path
+        yield lambda target, source: functions_framework.create_app(target, str(ROOT / source))
     finally:
         if app_module._platform is not None:
             app_module._platform.close()
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_function_deploys_alone(target, deploy):
+    """functions-framework loads each target from the root main.py, as Cloud Run functions would."""
+    client = deploy(target, "main.py").test_client()
+    health = client.get("/health")
+    assert health.status_code == 200 and health.get_json()["database"] == "ok"
+    other = {"billing": "/api/orgs", "orgs": "/credits/consume", "audit": "/billing/status",
+             "stripe_webhook": "/api/me"}[target]
+    assert client.get(other).status_code in (404, 405)  # not this function's path
+
+
+def test_functions_main_registers_each_target_under_its_own_name():
+    """``functions_framework.http`` records a target by ``__name__``: each must be the name it is deployed by."""
+    import functions.main
+
+    for target in TARGETS:
+        fn = getattr(functions.main, target)
+        assert (fn.__name__, _function_registry.REGISTRY_MAP.get(target)) == (target, "http")
+        assert fn.__doc__, target
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_each_target_of_functions_main_answers_health(target, deploy):
+    health = deploy(target, "functions/main.py").test_client().get("/health")
+    assert health.status_code == 200 and health.get_json()["database"] == "ok"

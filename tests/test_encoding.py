@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from tests import stripe_fakes as sf
-from tests.conftest import TEST_JWT_SECRET, bearer, make_token
+from tests.conftest import bearer, make_token, stripe_settings
 from upshift_platform.app import Platform, create_wsgi_app
-from upshift_platform.settings import Settings, StripeSettings
 from upshift_platform.signing import AuditSigningKey
 
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
@@ -64,20 +63,9 @@ class Walker:
         return answer
 
 
-@pytest.fixture(scope="module")
-def standin():
-    server = sf.StripeStandIn()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def walked(db_url, world, standin) -> list[Answer]:
-    stripe_cfg = StripeSettings(secret_key=sf.SECRET_KEY, webhook_secret=sf.WEBHOOK_SECRET, prices=dict(sf.PRICES),
-                                api_base=standin.url)
-    plat = Platform(Settings(database_url=db_url, jwt_secret=TEST_JWT_SECRET, pool_max=4,
-                             public_base_url="https://upshift.example", stripe=stripe_cfg,
-                             audit_signing_key=AuditSigningKey.from_seed(b"\x07" * 32)))
+    plat = Platform(stripe_settings(db_url, standin, audit_signing_key=AuditSigningKey.from_seed(b"\x07" * 32)))
     try:
         yield walk(Walker(plat), world)
     finally:

@@ -15,10 +15,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
-from tests import stripe_fakes as sf
-from tests.conftest import TEST_JWT_SECRET
+from tests.conftest import stripe_settings
 from upshift_platform.app import Platform, create_wsgi_app
-from upshift_platform.settings import Settings, StripeSettings
 from upshift_platform.signing import AuditSigningKey
 
 MAX_EXAMPLES = int(os.environ.get("UPSHIFT_FUZZ_EXAMPLES", "25"))
@@ -34,23 +32,12 @@ def errors_are_json_with_code(response) -> None:
         assert isinstance(body.get("message"), str), f"no message: {body!r}"
 
 
-@pytest.fixture(scope="module")
-def standin():
-    server = sf.StripeStandIn()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def api(db_url, world, standin):
     admin = world.user("fuzz-admin@acme.test")
     org = world.org("acme", plan="team", balance=1000, admin=admin)
     key = world.key(admin, org=org)["secret"]
-    stripe_cfg = StripeSettings(secret_key=sf.SECRET_KEY, webhook_secret=sf.WEBHOOK_SECRET, prices=dict(sf.PRICES),
-                                api_base=standin.url)
-    plat = Platform(Settings(database_url=db_url, jwt_secret=TEST_JWT_SECRET, pool_max=4,
-                             public_base_url="https://upshift.example", stripe=stripe_cfg,
-                             audit_signing_key=AuditSigningKey.from_seed(b"\x05" * 32)))
+    plat = Platform(stripe_settings(db_url, standin, audit_signing_key=AuditSigningKey.from_seed(b"\x05" * 32)))
     app = create_wsgi_app(plat)
     yield schemathesis.openapi.from_wsgi("/openapi.json", app), {"Authorization": f"Bearer {key}"}
     plat.close()

@@ -12,16 +12,7 @@ from tests.conftest import bearer, make_token
 
 @pytest.fixture
 def acme(world):
-    admin = world.user("admin@acme.test")
-    member = world.user("member@acme.test")
-    viewer = world.user("viewer@acme.test")
-    org = world.org("acme", admin=admin, balance=0)
-    world.member(org, member, "member")
-    world.member(org, viewer, "viewer")
-    outsider = world.user("outsider@other.test")
-    other = world.org("other", admin=outsider)
-    return {"org": org, "admin": admin, "member": member, "viewer": viewer,
-            "outsider": outsider, "other": other}
+    return world.team(balance=0, outsider=True)
 
 
 def h(user_id: str) -> dict[str, str]:

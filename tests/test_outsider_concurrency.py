@@ -50,13 +50,10 @@ def errors(results: list[Any]) -> list[str]:
 
 @pytest.fixture
 def acme(world):
-    admin, m1, m2 = world.user("admin@acme.test"), world.user("m1@acme.test"), world.user("m2@acme.test")
-    org = world.org("acme", plan="team", balance=10, admin=admin)
-    world.member(org, m1, "member")
-    world.member(org, m2, "member")
-    ci = world.key(admin, kind="service", org=org)
-    return {"org": org, "admin": admin, "m1": m1, "m2": m2, "ci": ci,
-            "ci_claims": claims(None, upshift={"key_id": ci["id"], "kind": "service", "org_id": org})}
+    acme = world.team(balance=10, roles={"m1": "member", "m2": "member"})
+    ci = world.key(acme["admin"], kind="service", org=acme["org"])
+    return {**acme, "ci": ci,
+            "ci_claims": claims(None, upshift={"key_id": ci["id"], "kind": "service", "org_id": acme["org"]})}
 
 
 def balance(conn, org: str) -> int:

@@ -18,7 +18,6 @@ import stripe
 from tests import stripe_fakes as sf
 from tests.conftest import TEST_JWT_SECRET, bearer, make_token
 from tests.test_outsider_rpc import assert_chains_verify, assert_ledger_ok, snapshot
-from upshift_platform.app import Platform, create_wsgi_app
 from upshift_platform.settings import Settings, StripeSettings
 from upshift_platform.signing import AuditSigningKey
 
@@ -27,32 +26,22 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-def platform(db_url):
-    stripe_cfg = StripeSettings(webhook_secret=sf.WEBHOOK_SECRET)
-    plat = Platform(Settings(database_url=db_url, jwt_secret=TEST_JWT_SECRET, pool_max=4, stripe=stripe_cfg,
-                             audit_signing_key=AuditSigningKey.from_seed(SEED)))
-    yield plat
-    plat.close()
-
-
-@pytest.fixture
-def client(platform):
-    return create_wsgi_app(platform).test_client()
+def settings(db_url):
+    """Stripe's webhook secret (no API key) and an audit signing key, for conftest's ``platform`` and ``client``."""
+    return Settings(database_url=db_url, jwt_secret=TEST_JWT_SECRET, pool_max=4,
+                    stripe=StripeSettings(webhook_secret=sf.WEBHOOK_SECRET),
+                    audit_signing_key=AuditSigningKey.from_seed(SEED))
 
 
 @pytest.fixture
 def acme(world):
-    admin, member, viewer = world.user("admin@acme.test"), world.user("member@acme.test"), world.user("viewer@acme.test")
+    acme = world.team(balance=100)
     rival_admin = world.user("boss@rival.test")
-    org = world.org("acme", plan="team", balance=100, admin=admin)
-    world.member(org, member, "member")
-    world.member(org, viewer, "viewer")
     rival = world.org("rival", plan="team", balance=50, admin=rival_admin)
     proorg = world.org("proorg", plan="pro", admin=rival_admin)
-    return {"org": org, "rival": rival, "proorg": proorg, "admin": admin, "member": member, "viewer": viewer,
-            "rival_admin": rival_admin,
-            "member_key": world.key(member, org=org)["secret"],
-            "ci_key": world.key(admin, kind="service", org=org)["secret"],
+    return {**acme, "rival": rival, "proorg": proorg, "rival_admin": rival_admin,
+            "member_key": world.key(acme["member"], org=acme["org"])["secret"],
+            "ci_key": world.key(acme["admin"], kind="service", org=acme["org"])["secret"],
             "rival_ci": world.key(rival_admin, kind="service", org=rival)["secret"]}
 
 

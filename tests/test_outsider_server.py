@@ -11,8 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -23,7 +21,7 @@ from urllib.parse import urlparse
 import psycopg
 import pytest
 
-from upshift_platform import embedded
+from tests.conftest import serve
 
 SECRET = "outsider-server-secret-0123456789abcdef"
 
@@ -42,21 +40,8 @@ def server(pg_server_url: str, template_db: str) -> Iterator[dict[str, Any]]:
         c.execute("select public.grant_credits(100, 'admin_grant', 'acme', null, 'seed')")
         key = c.execute("select public.admin_create_api_key(%s, 'k', 'personal', 'acme') ->> 'secret'",
                         (user,)).fetchone()[0]
-    port = embedded.free_port()
-    env = {**os.environ, "DATABASE_URL": url, "SUPABASE_JWT_SECRET": SECRET}
-    proc = subprocess.Popen([sys.executable, "-m", "upshift_platform.cli", "serve", "--port", str(port),
-                             "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc, port = serve(url, workers=1, jwt_secret=SECRET)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
         yield {"port": port, "key": key, "url": url, "org": str(org)}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

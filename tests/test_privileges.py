@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import RUN_ID, _with_db
+from tests.conftest import RUN_ID, _with_db, functions_where
 from upshift_platform.migrate import migrate
 
 ALLOW_LIST = Path(__file__).with_name("api_privileges.txt")
@@ -143,12 +143,8 @@ def test_a_function_reachable_by_accident_is_caught(db_url, conn):
 
 def test_no_function_in_public_or_private_keeps_the_public_grant(conn):
     """PostgreSQL grants EXECUTE to PUBLIC on every new function: each of ours revokes it."""
-    rows = conn.execute(
-        "select format('%s.%s(%s)', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid)) as f"
-        " from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
-        " where n.nspname in ('public', 'private') and (p.proacl is null or exists ("
-        "   select 1 from aclexplode(p.proacl) a where a.grantee = 0))").fetchall()
-    assert [r["f"] for r in rows] == []
+    assert functions_where(conn, "p.proacl is null or exists ("
+                                 "select 1 from aclexplode(p.proacl) a where a.grantee = 0)") == []
 
 
 if __name__ == "__main__":

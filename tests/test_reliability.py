@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -22,7 +20,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests import stripe_fakes as sf
-from tests.conftest import acting_as, claims_for
+from tests.conftest import acting_as, claims_for, run_together, serve
 from upshift_platform import embedded
 from upshift_platform.app import Platform, create_wsgi_app
 from upshift_platform.db import act_as
@@ -55,38 +53,30 @@ def debit_sql(cur, amount, org, key, reason="explain"):
 
 def test_64_clients_with_replays_never_overdraw_or_deadlock(db_url, conn, world):
     pool_size, clients, per_client = 150, 64, 6
-    admin = world.user()
-    org = world.org("hot", balance=pool_size, admin=admin)
-    users = [world.user() for _ in range(8)]
-    for u in users:
-        world.member(org, u, "member")
-    barrier = threading.Barrier(clients)
+    org, users = world.crowd("hot", balance=pool_size, members=8)
     originals: dict[str, dict] = {}
     replays: list[tuple[str, dict]] = []
     errors: list[str] = []
     lock = threading.Lock()
 
-    def client(i: int) -> None:
+    def client(i: int, c) -> None:
         user = users[i % len(users)]
-        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as c:
-            barrier.wait(timeout=60)
-            for n in range(per_client):
-                # Keys are shared by the 8 clients acting as one user: the first to commit is the
-                # original, the others are replays racing it.
-                key = f"{user}:{n % 4}"
-                amount = 1 + (n % 4)
-                try:
-                    with acting_as(c, "authenticated", claims_for(user), commit=True) as cur:
-                        r = debit_sql(cur, amount, "hot", key, reason="explain")
-                except psycopg.Error as exc:
-                    with lock:
-                        errors.append(exc.diag.sqlstate or "?")
-                    continue
+        for n in range(per_client):
+            # Keys are shared by the 8 clients acting as one user: the first to commit is the
+            # original, the others are replays racing it.
+            key = f"{user}:{n % 4}"
+            amount = 1 + (n % 4)
+            try:
+                with acting_as(c, "authenticated", claims_for(user), commit=True) as cur:
+                    r = debit_sql(cur, amount, "hot", key, reason="explain")
+            except psycopg.Error as exc:
                 with lock:
-                    (replays.append((key, r)) if r["replayed"] else originals.setdefault(key, r))
+                    errors.append(exc.diag.sqlstate or "?")
+                continue
+            with lock:
+                (replays.append((key, r)) if r["replayed"] else originals.setdefault(key, r))
 
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
+    run_together(db_url, clients, client)
     assert set(errors) <= {"PT402"}, errors  # no deadlock (40P01), no serialization failure, nothing else
     assert "40P01" not in errors
     for key, r in replays:
@@ -191,27 +181,11 @@ def _post(port, path, token, body, key):
         return resp.status, json.loads(resp.read())
 
 
-def _serve(db_url):
-    port = embedded.free_port()
-    env = {**os.environ, "DATABASE_URL": db_url, "SUPABASE_JWT_SECRET": "x" * 40}
-    proc = subprocess.Popen([sys.executable, "-m", "upshift_platform.cli", "serve", "--port", str(port),
-                             "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return proc, port
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("server did not start")
-
-
 def test_http_server_killed_mid_request_then_retries_apply_once(db_url, conn, world):
     admin = world.user()
     org = world.org("acme", balance=10_000, admin=admin)
     token = world.key(admin, kind="service", org=org)["secret"]
-    proc, port = _serve(db_url)
+    proc, port = serve(db_url, workers=2)
     keys = [f"job-{i}" for i in range(400)]
     stop = threading.Event()
     sent: set[str] = set()
@@ -238,7 +212,7 @@ def test_http_server_killed_mid_request_then_retries_apply_once(db_url, conn, wo
     proc.wait()
     invariant(conn)
     chains_verify(conn)
-    proc, port = _serve(db_url)
+    proc, port = serve(db_url, workers=2)
     try:
         for key in sorted(sent):  # every request whose fate the client does not know is retried
             assert _post(port, "/credits/consume", token, {"action": "fix", "count": 3}, key)[0] == 200

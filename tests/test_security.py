@@ -51,18 +51,18 @@ def snapshot(conn) -> dict[str, Any]:
 # --- 1. backend-only functions are not callable by signed-in users --------------------------------
 
 ATTACKS = {
-    "grant_credits_to_self": ("select public.grant_credits(1000000, 'admin_grant', null, %(me)s, 'free-money')", {}),
-    "add_self_as_admin": ("select public.admin_add_member('victim', %(me)s, 'admin')", {}),
-    "remove_the_admin": ("select public.admin_remove_member('victim', %(admin)s)", {}),
-    "set_org_plan": ("select public.admin_set_org_plan('victim', 'team')", {}),
-    "empty_the_audit_log": ("select public.purge_audit_logs(now() + interval '100 years')", {}),
-    "forged_stripe_event": ("select public.stripe_apply_event(%(event)s::jsonb, %(config)s::jsonb)", {}),
-    "create_org_for_someone": ("select public.admin_create_org('Evil', 'evil', 'team', %(me)s)", {}),
-    "mint_a_key_for_the_admin": ("select public.admin_create_api_key(%(admin)s, 'x', 'personal')", {}),
-    "look_up_a_key_hash": ("select public.authenticate_api_key(repeat('a', 64))", {}),
-    "set_retention": ("select public.admin_set_audit_retention('victim', 1)", {}),
-    "read_all_balances": ("select * from public.ledger_mismatches()", {}),
-    "steal_stripe_customer": ("select public.set_stripe_customer('org', %(org)s, 'cus_evil')", {}),
+    "grant_credits_to_self": "select public.grant_credits(1000000, 'admin_grant', null, %(me)s, 'free-money')",
+    "add_self_as_admin": "select public.admin_add_member('victim', %(me)s, 'admin')",
+    "remove_the_admin": "select public.admin_remove_member('victim', %(admin)s)",
+    "set_org_plan": "select public.admin_set_org_plan('victim', 'team')",
+    "empty_the_audit_log": "select public.purge_audit_logs(now() + interval '100 years')",
+    "forged_stripe_event": "select public.stripe_apply_event(%(event)s::jsonb, %(config)s::jsonb)",
+    "create_org_for_someone": "select public.admin_create_org('Evil', 'evil', 'team', %(me)s)",
+    "mint_a_key_for_the_admin": "select public.admin_create_api_key(%(admin)s, 'x', 'personal')",
+    "look_up_a_key_hash": "select public.authenticate_api_key(repeat('a', 64))",
+    "set_retention": "select public.admin_set_audit_retention('victim', 1)",
+    "read_all_balances": "select * from public.ledger_mismatches()",
+    "steal_stripe_customer": "select public.set_stripe_customer('org', %(org)s, 'cus_evil')",
 }
 
 
@@ -81,14 +81,14 @@ def test_backend_only_rpcs_refuse_api_roles(conn, victim, attack, role):
     me = victim["outsider"] if role == "authenticated" else None
     claims = {"role": role, **({"sub": me, "aud": "authenticated"} if me else {})}
     with pytest.raises(psycopg.errors.InsufficientPrivilege), acting_as(conn, role, claims, commit=True) as cur:
-        cur.execute(ATTACKS[attack][0], _params(victim, me or victim["outsider"]))
+        cur.execute(ATTACKS[attack], _params(victim, me or victim["outsider"]))
     assert snapshot(conn) == before
 
 
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_backend_only_rpcs_check_the_role_inside_too(conn, victim, attack):
     """Defence in depth: even with EXECUTE granted by mistake, the function refuses an API user."""
-    fn = ATTACKS[attack][0].split("public.", 1)[1].split("(", 1)[0]
+    fn = ATTACKS[attack].split("public.", 1)[1].split("(", 1)[0]
     sigs = [r["s"] for r in conn.execute(
         "select p.oid::regprocedure::text as s from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
         " where n.nspname = 'public' and p.proname = %s", (fn,))]
@@ -99,7 +99,7 @@ def test_backend_only_rpcs_check_the_role_inside_too(conn, victim, attack):
     me = victim["outsider"]
     with pytest.raises(psycopg.Error) as exc, \
             acting_as(conn, "authenticated", {"role": "authenticated", "sub": me}, commit=True) as cur:
-        cur.execute(ATTACKS[attack][0], _params(victim, me))
+        cur.execute(ATTACKS[attack], _params(victim, me))
     assert exc.value.diag.sqlstate == "PT403"
     assert json.loads(exc.value.diag.message_detail)["error"] == "backend_only"
     assert snapshot(conn) == before

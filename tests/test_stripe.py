@@ -11,38 +11,17 @@ import pytest
 import stripe
 
 from tests import stripe_fakes as sf
-from tests.conftest import TEST_JWT_SECRET, bearer, make_token
+from tests.conftest import bearer, make_token, stripe_settings
 from upshift_platform.app import Platform, create_wsgi_app
-from upshift_platform.settings import Settings, StripeSettings
+from upshift_platform.settings import StripeSettings
 from upshift_platform.stripe_billing import STRIPE_API_VERSION
 
 
-@pytest.fixture(scope="module")
-def standin():
-    server = sf.StripeStandIn()
-    yield server
-    server.close()
-
-
-def stripe_settings(db_url, standin, **overrides):
-    cfg = StripeSettings(secret_key=sf.SECRET_KEY, webhook_secret=sf.WEBHOOK_SECRET, prices=dict(sf.PRICES),
-                         api_base=standin.url)
-    base = {"database_url": db_url, "jwt_secret": TEST_JWT_SECRET, "pool_max": 8,
-            "public_base_url": "https://upshift.example", "stripe": cfg}
-    return Settings(**{**base, **overrides})
-
-
 @pytest.fixture
-def platform(db_url, standin):
+def settings(db_url, standin):
+    """Stripe against the stand-in, its requests forgotten; conftest's ``platform`` and ``client`` use them."""
     standin.requests.clear()
-    plat = Platform(stripe_settings(db_url, standin))
-    yield plat
-    plat.close()
-
-
-@pytest.fixture
-def client(platform):
-    return create_wsgi_app(platform).test_client()
+    return stripe_settings(db_url, standin, pool_max=8)
 
 
 @pytest.fixture

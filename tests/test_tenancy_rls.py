@@ -5,6 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from tests.conftest import cases, functions_where
+
 TABLES = ["public.orgs", "public.org_members", "public.profiles"]
 
 
@@ -63,23 +65,22 @@ def test_only_admin_renames_org(as_role, conn, two_orgs):
 
 @pytest.mark.parametrize(
     ("who", "sql"),
-    [
-        pytest.param("bob", "update public.org_members set role = 'admin' where user_id = %(bob)s",
-                     id="member_raises_own_role"),
-        pytest.param("alice", "update public.credit_accounts set balance = 1000000 where id = %(acme)s",
-                     id="admin_sets_org_balance"),
-        pytest.param("alice", "update public.orgs set plan = 'team' where id = %(acme)s",
-                     id="admin_sets_org_plan"),
-        pytest.param("bob", "update public.credit_accounts set balance = 1000 where id = %(bob)s",
-                     id="user_sets_own_balance"),
-        pytest.param("bob", "update public.profiles set plan = 'pro' where id = %(bob)s",
-                     id="user_sets_own_plan"),
-        pytest.param("bob", "insert into public.org_members (org_id, user_id, role)"
-                            " values (%(other)s, %(bob)s, 'admin')", id="join_other_org"),
-        pytest.param("bob", "insert into public.orgs (slug, name) values ('x1', 'x')", id="insert_org"),
-        pytest.param("alice", "delete from public.org_members where org_id = %(acme)s", id="delete_members"),
-        pytest.param("alice", "delete from public.orgs where id = %(acme)s", id="delete_org"),
-    ],
+    cases({
+        "bob": {
+            "member_raises_own_role": "update public.org_members set role = 'admin' where user_id = %(bob)s",
+            "user_sets_own_balance": "update public.credit_accounts set balance = 1000 where id = %(bob)s",
+            "user_sets_own_plan": "update public.profiles set plan = 'pro' where id = %(bob)s",
+            "join_other_org": "insert into public.org_members (org_id, user_id, role)"
+                              " values (%(other)s, %(bob)s, 'admin')",
+            "insert_org": "insert into public.orgs (slug, name) values ('x1', 'x')",
+        },
+        "alice": {
+            "admin_sets_org_balance": "update public.credit_accounts set balance = 1000000 where id = %(acme)s",
+            "admin_sets_org_plan": "update public.orgs set plan = 'team' where id = %(acme)s",
+            "delete_members": "delete from public.org_members where org_id = %(acme)s",
+            "delete_org": "delete from public.orgs where id = %(acme)s",
+        },
+    }),
 )
 def test_forbidden_writes_fail_with_42501(as_role, two_orgs, who, sql):
     with as_role("authenticated", two_orgs[who]) as cur, pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -120,9 +121,4 @@ def test_security_definer_functions_pin_search_path(conn):
 
 
 def test_no_function_executable_by_public(conn):
-    rows = conn.execute(
-        "select p.oid::regprocedure::text as fn from pg_proc p"
-        " join pg_namespace n on n.oid = p.pronamespace"
-        " where n.nspname in ('public', 'private')"
-        " and has_function_privilege('anon', p.oid, 'execute')").fetchall()
-    assert [r["fn"] for r in rows] == []
+    assert functions_where(conn, "has_function_privilege('anon', p.oid, 'execute')") == []

@@ -60,29 +60,27 @@ def ingest(ctx: Ctx, body: AuditIngest, db: Session) -> dict[str, Any]:
     return result
 
 
+# Each optional filter of a query: the field, and the condition it adds (its value is the parameter of that name).
+FILTERS = (
+    ("since", "l.created_at >= %(since)s"),
+    ("until", "l.created_at < %(until)s"),
+    ("event_type", "l.event_type = any(%(event_type)s)"),
+    ("actor", "(l.user_id = %(actor)s or l.service_key_id = %(actor)s)"),
+    ("resource_type", "l.resource_type = %(resource_type)s"),
+    ("resource_id", "l.resource_id = %(resource_id)s"),
+)
+
+
 def _filters(q: AuditQuery | AuditExportQuery, scope: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     where = ["l.scope_id = %(scope)s"]
     if scope["kind"] == "user":
         where.append("l.org_id is null")
     params: dict[str, Any] = {"scope": scope["scope_id"]}
-    if q.since:
-        where.append("l.created_at >= %(since)s")
-        params["since"] = q.since
-    if q.until:
-        where.append("l.created_at < %(until)s")
-        params["until"] = q.until
-    if q.event_type:
-        where.append("l.event_type = any(%(event_types)s)")
-        params["event_types"] = q.event_type
-    if q.actor:
-        where.append("(l.user_id = %(actor)s or l.service_key_id = %(actor)s)")
-        params["actor"] = q.actor
-    if q.resource_type:
-        where.append("l.resource_type = %(resource_type)s")
-        params["resource_type"] = q.resource_type
-    if q.resource_id:
-        where.append("l.resource_id = %(resource_id)s")
-        params["resource_id"] = q.resource_id
+    for name, condition in FILTERS:
+        value = getattr(q, name)
+        if value:
+            where.append(condition)
+            params[name] = value
     return where, params
 
 
