@@ -53,7 +53,9 @@ where has_schema_privilege(r, s.oid, 'usage') and has_function_privilege(r, p.oi
 union all
 select format('%%s %%s %%s %%s.%%s', r, priv, rels.kind, rels.nspname, rels.relname)
 from roles cross join rels cross join lateral unnest(rels.privs) as priv
-where has_schema_privilege(r, rels.nspname, 'usage') and has_table_privilege(r, rels.oid, priv)
+where has_schema_privilege(r, rels.nspname, 'usage')
+  and case when rels.kind = 'sequence' then has_sequence_privilege(r, rels.oid, priv)
+           else has_table_privilege(r, rels.oid, priv) end
 union all
 select format('%%s %%s(%%s) %%s %%s.%%s', r, priv, string_agg(a.attname, ',' order by a.attnum), rels.kind,
               rels.nspname, rels.relname)

@@ -106,7 +106,8 @@ OPS = {
 def _state(conn, org):
     return conn.execute(
         "select (select balance from public.credit_accounts where id = %(o)s) as balance,"
-        " (select count(*) from public.credit_transactions) as ledger, (select count(*) from public.audit_logs) as audit,"
+        " (select count(*) from public.credit_transactions) as ledger,"
+        " (select count(*) from public.audit_logs) + (select count(*) from private.audit_outbox) as audit,"
         " (select count(*) from public.audit_ingest_keys) as ingest_keys", {"o": org}).fetchone()
 
 

@@ -1,22 +1,22 @@
 -- Audit log storage: append-only, tamper-evident, per-scope gapless sequence and hash chain.
 --
 -- A scope is an org (org events) or a user (personal events). Each row's hash covers its
--- content and the previous row's hash, and rows are sealed into the chain (given their seq,
--- prev_hash and hash) only under a per-scope lock, so the chain cannot fork or skip.
+-- content and the previous row's hash, and rows enter the chain only under a per-scope lock,
+-- so the chain cannot fork or skip.
 --
--- Two ways in. private.audit_append seals at once: most events, whose callers want the seq
--- back. private.audit_append_pending writes the row unsealed, in the caller's transaction, and
--- takes no lock: the spend path, so that a hot org's spends do not queue on its chain. A sealer
--- (private.seal_audit_scope: run by every synchronous append first, by every read that needs the
--- chain -- verify, heads, exports, purges -- and in the background by public.seal_audit_logs)
--- seals pending rows in (created_at, id) order shortly after they commit. A pending row is
--- already visible to queries (seq null); it exists if and only if its transaction committed.
+-- Two ways in. private.audit_append writes into the chain at once: most events, whose callers
+-- want the seq back. private.audit_append_pending writes the event into an outbox, in the
+-- caller's transaction and without any lock: the spend path, so that a hot org's spends do not
+-- queue on its chain as well as on its balance. The sealer (private.seal_audit_scope) moves a
+-- scope's outbox into its chain, in (created_at, id) order; it runs before every synchronous
+-- append, in every read of a log (public.audit_scope: queries, exports, verification, heads;
+-- and the purge), and in the background (public.seal_audit_logs, a few times a second). So an event
+-- exists if and only if its transaction committed, and every read sees every committed event.
 --
 -- UPDATE, DELETE and TRUNCATE are refused by triggers that fire always (also with
--- session_replication_role = replica), with two exceptions that need a permit the sealer or the
--- retention purge writes for its own transaction: sealing a pending row (only seq, prev_hash and
--- hash may change, once), and the retention purge, the one deletion path, which leaves a
--- checkpoint the chain verifies from and records an audit_purged event.
+-- session_replication_role = replica); the one exception is the retention purge, which writes a
+-- permit for its own transaction, leaves a checkpoint the chain verifies from and records an
+-- audit_purged event.
 
 alter table public.orgs add column audit_retention_days integer
   constraint orgs_audit_retention_days_check check (audit_retention_days between 1 and 3650);
@@ -26,7 +26,7 @@ comment on column public.orgs.audit_retention_days is
 create table public.audit_logs (
   id uuid primary key default gen_random_uuid(),
   scope_id uuid not null,
-  seq bigint,
+  seq bigint not null,
   org_id uuid,
   user_id uuid,
   actor_kind text not null,
@@ -39,11 +39,10 @@ create table public.audit_logs (
   user_agent text,
   client_timestamp timestamptz,
   created_at timestamptz not null,
-  prev_hash bytea,
-  hash bytea,
+  prev_hash bytea not null,
+  hash bytea not null,
   constraint audit_logs_scope_seq_key unique (scope_id, seq),
   constraint audit_logs_seq_positive check (seq > 0),
-  constraint audit_logs_sealed check ((seq is null) = (hash is null) and (seq is null) = (prev_hash is null)),
   constraint audit_logs_scope_matches_org check (org_id is null or scope_id = org_id),
   constraint audit_logs_actor_kind_check check (actor_kind in ('user', 'service_key', 'system')),
   constraint audit_logs_actor_consistent check (
@@ -58,16 +57,13 @@ create table public.audit_logs (
 );
 create index audit_logs_scope_created_idx on public.audit_logs (scope_id, created_at desc, id desc);
 create index audit_logs_scope_event_created_idx on public.audit_logs (scope_id, event_type, created_at desc, id desc);
-create index audit_logs_pending_idx on public.audit_logs (scope_id, created_at, id) where seq is null;
 comment on table public.audit_logs is
   'Immutable audit log. scope_id = org_id for org events, else the user whose personal log it is. seq is gapless '
-  'per scope; hash = sha256(content, prev_hash); both null while a row waits to be sealed (a second at most). '
-  'Rows enter only through private.audit_append and private.audit_append_pending.';
-comment on column public.audit_logs.seq is 'Position in the scope''s chain; null until sealed (private.seal_audit_scope).';
+  'per scope; hash = sha256(content, prev_hash). Rows enter only through private.audit_append and the sealer.';
 comment on column public.audit_logs.user_id is 'The user who acted (actor_kind = user).';
 comment on column public.audit_logs.service_key_id is 'The org service key that acted (actor_kind = service_key: CI).';
 comment on column public.audit_logs.client_timestamp is 'The timestamp the client sent (not trusted for ordering).';
-comment on column public.audit_logs.created_at is 'Server time of the append (clock_timestamp); pending rows are sealed in its order.';
+comment on column public.audit_logs.created_at is 'Server time of the event (clock_timestamp); the outbox is sealed in its order.';
 alter table public.audit_logs enable row level security;
 revoke all on table public.audit_logs from anon, authenticated, service_role;
 grant select on table public.audit_logs to authenticated, service_role;
@@ -85,17 +81,24 @@ alter table public.audit_checkpoints enable row level security;
 revoke all on table public.audit_checkpoints from anon, authenticated, service_role;
 grant select on table public.audit_checkpoints to authenticated, service_role;
 
+create table private.audit_outbox (
+  id bigint generated always as identity primary key,
+  event public.audit_logs not null
+);
+comment on table private.audit_outbox is
+  'Events committed with their transaction but not yet in the chain (seq, prev_hash, hash unset): the sealer moves '
+  'them into audit_logs within a second. Only a primary key, so that writing one is cheap on the spend path.';
+revoke all on table private.audit_outbox from public, anon, authenticated, service_role;
+revoke all on sequence private.audit_outbox_id_seq from public, anon, authenticated, service_role;
+
 create table private.audit_permits (
   txid xid8 not null default pg_current_xact_id(),
   scope_id uuid not null,
-  action text not null,
-  through_seq bigint,
-  primary key (txid, scope_id, action),
-  constraint audit_permits_action check (action in ('seal', 'purge'))
+  through_seq bigint not null,
+  primary key (txid, scope_id)
 );
 comment on table private.audit_permits is
-  'Written only by private.seal_audit_scope (seal) and private.purge_audit_scope (purge, through_seq) for their own '
-  'transaction: what the audit_logs triggers let through.';
+  'Written only by private.purge_audit_scope for its own transaction: which rows the delete trigger lets go.';
 revoke all on table private.audit_permits from public, anon, authenticated, service_role;
 
 -- Hashing ----------------------------------------------------------------------------------
@@ -147,57 +150,55 @@ comment on function private.audit_row(uuid, uuid, text, text, text, jsonb, times
 revoke all on function private.audit_row(uuid, uuid, text, text, text, jsonb, timestamptz)
   from public, anon, authenticated, service_role;
 
+create function private.chain_head(p_scope_id uuid, out seq bigint, out hash bytea)
+language plpgsql stable security definer set search_path = '' as $$
+begin
+  select l.seq, l.hash into seq, hash from public.audit_logs l where l.scope_id = p_scope_id order by l.seq desc limit 1;
+  if seq is null then
+    select c.seq, c.hash into seq, hash from public.audit_checkpoints c where c.scope_id = p_scope_id;
+  end if;
+  seq := coalesce(seq, 0);
+  hash := coalesce(hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+end $$;
+comment on function private.chain_head(uuid) is
+  'The last seq and hash of a scope''s chain (its retention checkpoint, or 0 and the zero hash, when empty).';
+revoke all on function private.chain_head(uuid) from public, anon, authenticated, service_role;
+
 create function private.seal_audit_scope(p_scope_id uuid, p_wait boolean default true) returns integer
 language plpgsql volatile security definer set search_path = '' as $$
 declare
-  v_seq bigint;
-  v_prev bytea;
-  v_ids uuid[] := '{}'::uuid[];
-  v_seqs bigint[] := '{}'::bigint[];
-  v_prevs bytea[] := '{}'::bytea[];
-  v_hashes bytea[] := '{}'::bytea[];
+  v_head record;
+  v_events public.audit_logs[];
+  v_rows public.audit_logs[] := '{}'::public.audit_logs[];
   r public.audit_logs;
 begin
-  -- One sealer per scope at a time: the chain cannot fork, the sequence has no gaps. p_wait false: a
-  -- background sealer skips a scope someone else is sealing (or appending to) right now.
+  -- One writer per scope at a time: the chain cannot fork, the sequence has no gaps. p_wait false: a
+  -- background sealer leaves a scope to whoever holds it right now (they seal it).
   if p_wait then
     perform pg_advisory_xact_lock(hashtextextended('audit:' || p_scope_id::text, 0));
   elsif not pg_try_advisory_xact_lock(hashtextextended('audit:' || p_scope_id::text, 0)) then
     return 0;
   end if;
-  select l.seq, l.hash into v_seq, v_prev from public.audit_logs l
-  where l.scope_id = p_scope_id and l.seq is not null order by l.seq desc limit 1;
-  if v_seq is null then
-    select c.seq, c.hash into v_seq, v_prev from public.audit_checkpoints c where c.scope_id = p_scope_id;
-  end if;
-  v_seq := coalesce(v_seq, 0);
-  v_prev := coalesce(v_prev, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
-  for r in select * from public.audit_logs l where l.scope_id = p_scope_id and l.seq is null
-           order by l.created_at, l.id loop
-    v_seq := v_seq + 1;
-    r.seq := v_seq;
-    r.prev_hash := v_prev;
-    r.hash := private.audit_hash(r);
-    v_prev := r.hash;
-    v_ids := v_ids || r.id;
-    v_seqs := v_seqs || r.seq;
-    v_prevs := v_prevs || r.prev_hash;
-    v_hashes := v_hashes || r.hash;
-  end loop;
-  if cardinality(v_ids) = 0 then
+  with moved as (delete from private.audit_outbox o where (o.event).scope_id = p_scope_id returning o.event)
+  select array_agg(m.event order by (m.event).created_at, (m.event).id) into v_events from moved m;
+  if v_events is null then
     return 0;
   end if;
-  insert into private.audit_permits (scope_id, action) values (p_scope_id, 'seal') on conflict do nothing;
-  update public.audit_logs l set seq = s.seq, prev_hash = s.prev_hash, hash = s.hash
-  from unnest(v_ids, v_seqs, v_prevs, v_hashes) as s(id, seq, prev_hash, hash)
-  where l.id = s.id;
-  delete from private.audit_permits p where p.txid = pg_current_xact_id() and p.scope_id = p_scope_id
-    and p.action = 'seal';
-  return cardinality(v_ids);
+  v_head := private.chain_head(p_scope_id);
+  foreach r in array v_events loop
+    r.seq := v_head.seq + 1;
+    r.prev_hash := v_head.hash;
+    r.hash := private.audit_hash(r);
+    v_head.seq := r.seq;
+    v_head.hash := r.hash;
+    v_rows := v_rows || r;
+  end loop;
+  insert into public.audit_logs select * from unnest(v_rows);
+  return cardinality(v_rows);
 end $$;
 comment on function private.seal_audit_scope(uuid, boolean) is
-  'Seal a scope''s pending events into its chain, in (created_at, id) order, under the scope''s lock (p_wait false: '
-  'skip if someone holds it). Returns how many were sealed.';
+  'Move a scope''s outbox into its chain, in (created_at, id) order, under the scope''s lock (p_wait false: skip '
+  'if someone holds it). Returns how many events were sealed.';
 revoke all on function private.seal_audit_scope(uuid, boolean) from public, anon, authenticated, service_role;
 
 create function private.audit_append(p_scope_id uuid, p_org_id uuid, p_event_type text, p_resource_type text,
@@ -207,24 +208,21 @@ language plpgsql volatile security definer set search_path = '' as $$
 declare
   v public.audit_logs := private.audit_row(p_scope_id, p_org_id, p_event_type, p_resource_type, p_resource_id,
                                            p_metadata, p_client_timestamp);
+  v_head record;
 begin
-  -- Under the scope's lock, with what was pending sealed first: this event goes at the head.
+  -- Under the scope's lock, with the outbox sealed first: this event goes at the head.
   perform private.seal_audit_scope(p_scope_id);
-  select l.seq, l.hash into v.seq, v.prev_hash from public.audit_logs l
-  where l.scope_id = p_scope_id and l.seq is not null order by l.seq desc limit 1;
-  if v.seq is null then
-    select c.seq, c.hash into v.seq, v.prev_hash from public.audit_checkpoints c where c.scope_id = p_scope_id;
-  end if;
-  v.seq := coalesce(v.seq, 0) + 1;
-  v.prev_hash := coalesce(v.prev_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+  v_head := private.chain_head(p_scope_id);
+  v.seq := v_head.seq + 1;
+  v.prev_hash := v_head.hash;
   v.created_at := clock_timestamp();
   v.hash := private.audit_hash(v);
   insert into public.audit_logs values (v.*);
   return v;
 end $$;
 comment on function private.audit_append(uuid, uuid, text, text, text, jsonb, timestamptz) is
-  'Append one event to a scope''s chain and seal it at once (its seq comes back). Rows enter audit_logs only here '
-  'and through private.audit_append_pending.';
+  'Append one event to a scope''s chain at once (its seq comes back). Rows enter audit_logs only here and through '
+  'the sealer.';
 revoke all on function private.audit_append(uuid, uuid, text, text, text, jsonb, timestamptz)
   from public, anon, authenticated, service_role;
 
@@ -235,11 +233,11 @@ declare
   v public.audit_logs := private.audit_row(p_scope_id, p_org_id, p_event_type, p_resource_type, p_resource_id,
                                            p_metadata, null);
 begin
-  insert into public.audit_logs values (v.*);
+  insert into private.audit_outbox (event) values (v);
   return v.id;
 end $$;
 comment on function private.audit_append_pending(uuid, uuid, text, text, text, jsonb) is
-  'Write one event unsealed, with no lock: committed with the caller''s transaction, sealed shortly after.';
+  'Write one event into the outbox, with no lock: committed with the caller''s transaction, sealed within a second.';
 revoke all on function private.audit_append_pending(uuid, uuid, text, text, text, jsonb)
   from public, anon, authenticated, service_role;
 
@@ -250,21 +248,14 @@ language plpgsql security definer set search_path = '' as $$
 begin
   if tg_op = 'DELETE' and exists (
       select 1 from private.audit_permits p
-      where p.txid = pg_current_xact_id() and p.scope_id = old.scope_id and p.action = 'purge'
-        and old.seq <= p.through_seq) then
+      where p.txid = pg_current_xact_id() and p.scope_id = old.scope_id and old.seq <= p.through_seq) then
     return old;  -- private.purge_audit_scope, the retention purge, in this very transaction
-  end if;
-  if tg_op = 'UPDATE' and old.seq is null and new.seq is not null
-     and (to_jsonb(new) - 'seq' - 'prev_hash' - 'hash') = (to_jsonb(old) - 'seq' - 'prev_hash' - 'hash')
-     and exists (select 1 from private.audit_permits p
-                 where p.txid = pg_current_xact_id() and p.scope_id = old.scope_id and p.action = 'seal') then
-    return new;  -- private.seal_audit_scope sealing a pending row, in this very transaction
   end if;
   perform private.err(403, 'append_only', format('audit_logs is append-only: %s is not allowed', tg_op));
   return null;
 end $$;
 comment on function private.audit_logs_guard() is
-  'Trigger: refuse UPDATE, DELETE and TRUNCATE on audit_logs, except the sealer''s and the retention purge''s own.';
+  'Trigger: refuse UPDATE, DELETE and TRUNCATE on audit_logs, except the retention purge''s own deletes.';
 revoke all on function private.audit_logs_guard() from public, anon, authenticated, service_role;
 
 create trigger audit_logs_no_update before update on public.audit_logs

@@ -14,7 +14,7 @@ begin
   select * into v_cp from public.audit_checkpoints c where c.scope_id = p_scope_id;
   v_expected := coalesce(v_cp.seq, 0) + 1;
   v_prev := coalesce(v_cp.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
-  for r in select * from public.audit_logs l where l.scope_id = p_scope_id and l.seq is not null order by l.seq loop
+  for r in select * from public.audit_logs l where l.scope_id = p_scope_id order by l.seq loop
     if r.seq <> v_expected then
       return jsonb_build_object('ok', false, 'scope_id', p_scope_id, 'checked', v_checked,
         'first_bad_seq', v_expected, 'reason', 'missing',
@@ -35,15 +35,14 @@ begin
     v_checked := v_checked + 1;
   end loop;
   return jsonb_build_object('ok', true, 'scope_id', p_scope_id, 'checked', v_checked,
-    'pending', (select count(*) from public.audit_logs l where l.scope_id = p_scope_id and l.seq is null),
     'first_seq', case when v_checked > 0 then coalesce(v_cp.seq, 0) + 1 end,
     'head_seq', v_expected - 1, 'head_hash', encode(v_prev, 'hex'),
     'checkpoint', case when v_cp.scope_id is not null then
       jsonb_build_object('seq', v_cp.seq, 'hash', encode(v_cp.hash, 'hex'), 'purged_at', v_cp.purged_at) end);
 end $$;
 comment on function private.verify_audit_scope(uuid) is
-  'Recompute a scope''s sealed chain from its checkpoint: ok, or the first missing or broken sequence number '
-  '(callers seal first; pending: rows still waiting).';
+  'Recompute a scope''s chain from its checkpoint: ok, or the first missing or broken sequence number (callers '
+  'seal the outbox first).';
 revoke all on function private.verify_audit_scope(uuid) from public, anon, authenticated, service_role;
 
 create function private.audit_retention_days(p_scope_id uuid) returns integer
@@ -77,11 +76,10 @@ begin
     return 0;
   end if;
   select l.hash into v_hash from public.audit_logs l where l.scope_id = p_scope_id and l.seq = v_last;
-  insert into private.audit_permits (scope_id, action, through_seq) values (p_scope_id, 'purge', v_last);
+  insert into private.audit_permits (scope_id, through_seq) values (p_scope_id, v_last);
   delete from public.audit_logs l where l.scope_id = p_scope_id and l.seq <= v_last;
   get diagnostics v_deleted = row_count;
-  delete from private.audit_permits p where p.txid = pg_current_xact_id() and p.scope_id = p_scope_id
-    and p.action = 'purge';
+  delete from private.audit_permits p where p.txid = pg_current_xact_id() and p.scope_id = p_scope_id;
   insert into public.audit_checkpoints as c (scope_id, seq, hash, purged_rows, purged_at)
   values (p_scope_id, v_last, v_hash, v_deleted, now())
   on conflict (scope_id) do update

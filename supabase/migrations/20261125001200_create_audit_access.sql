@@ -9,7 +9,7 @@
 -- public.verify_audit_checkpoint says whether the log still holds that row with that hash.
 
 create function public.audit_scope(org text default null) returns jsonb
-language plpgsql stable security definer set search_path = '' as $$
+language plpgsql volatile security definer set search_path = '' as $$
 declare
   c private.org_context := private.context(audit_scope.org, array['admin', 'viewer'], 'audit_role_required',
                                            'read its audit log');
@@ -19,6 +19,7 @@ begin
     if (select auth.uid()) is null then
       perform private.err(403, 'user_required', 'Reading audit logs needs a signed-in user.');
     end if;
+    perform private.seal_audit_scope((select auth.uid()));  -- a read sees every committed event
     return jsonb_build_object('scope_id', (select auth.uid()), 'org_id', null, 'kind', 'user');
   end if;
   select o.plan into v_plan from public.orgs o where o.id = c.org_id;
@@ -27,9 +28,11 @@ begin
       format('Org audit logs are a Team plan feature; %s is on the %s plan.', c.slug, v_plan),
       jsonb_build_object('org', c.slug, 'plan', v_plan));
   end if;
+  perform private.seal_audit_scope(c.org_id);  -- a read sees every committed event
   return jsonb_build_object('scope_id', c.org_id, 'org_id', c.org_id, 'kind', 'org', 'role', c.role);
 end $$;
-comment on function public.audit_scope(text) is 'Whose audit log the caller may read: the org context''s or theirs.';
+comment on function public.audit_scope(text) is
+  'Whose audit log the caller may read (the org context''s, or theirs), with its outbox sealed into the chain.';
 revoke all on function public.audit_scope(text) from public, anon, authenticated, service_role;
 grant execute on function public.audit_scope(text) to authenticated;
 
@@ -69,7 +72,6 @@ language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_scope jsonb := public.audit_scope(verify_audit_log.org);
 begin
-  perform private.seal_audit_scope((v_scope ->> 'scope_id')::uuid);  -- every committed event is in the chain
   return private.verify_audit_scope((v_scope ->> 'scope_id')::uuid) || jsonb_build_object('org_id', v_scope -> 'org_id');
 end $$;
 comment on function public.verify_audit_log(text) is
@@ -85,15 +87,9 @@ declare
   v_seq bigint;
   v_hash bytea;
 begin
-  -- Every committed event sealed first; sealing is serialised per scope and commits in seq order, so
-  -- the snapshot after it holds a prefix of the chain: its last row is the head.
-  perform private.seal_audit_scope(v_scope_id);
-  select l.seq, l.hash into v_seq, v_hash from public.audit_logs l
-  where l.scope_id = v_scope_id and l.seq is not null order by l.seq desc limit 1;
-  if v_seq is null then
-    -- Empty: the chain starts at the retention checkpoint, or at seq 0 and the zero hash.
-    select c.seq, c.hash into v_seq, v_hash from public.audit_checkpoints c where c.scope_id = v_scope_id;
-  end if;
+  -- audit_scope sealed the outbox; appends are serialised per scope and commit in seq order, so the
+  -- snapshot now holds a prefix of the chain: its last row is the head (or the retention checkpoint, or 0).
+  select h.seq, h.hash into v_seq, v_hash from private.chain_head(v_scope_id) h;
   return jsonb_build_object(
     'scope_id', v_scope_id,
     'org_id', v_scope -> 'org_id',
@@ -141,7 +137,6 @@ begin
   v_hash := decode(verify_audit_checkpoint.checkpoint_hash, 'hex');
   v_scope := public.audit_scope(verify_audit_checkpoint.org);
   v_scope_id := (v_scope ->> 'scope_id')::uuid;
-  perform private.seal_audit_scope(v_scope_id);
   v_result := private.verify_audit_scope(v_scope_id) || jsonb_build_object('org_id', v_scope -> 'org_id');
   select * into v_cp from public.audit_checkpoints c where c.scope_id = v_scope_id;
 
@@ -259,7 +254,7 @@ declare
   r record;
 begin
   perform private.require_backend('seal_audit_logs');
-  for r in select distinct l.scope_id from public.audit_logs l where l.seq is null limit greatest(max_scopes, 1) loop
+  for r in select distinct (o.event).scope_id from private.audit_outbox o limit greatest(max_scopes, 1) loop
     v_n := private.seal_audit_scope(r.scope_id, false);  -- a scope someone is sealing right now is theirs
     if v_n > 0 then
       v_scopes := v_scopes + 1;
@@ -269,6 +264,6 @@ begin
   return jsonb_build_object('scopes', v_scopes, 'sealed', v_sealed);
 end $$;
 comment on function public.seal_audit_logs(integer) is
-  'Backend (the background sealer): seal every scope''s pending events that nobody is sealing right now.';
+  'Backend (the background sealer): move every scope''s outbox that nobody is sealing right now into its chain.';
 revoke all on function public.seal_audit_logs(integer) from public, anon, authenticated, service_role;
 grant execute on function public.seal_audit_logs(integer) to service_role;  -- backend only
