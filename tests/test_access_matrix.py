@@ -31,6 +31,7 @@ def world_state(world, conn):
         invite = cur.execute("select public.create_invite('acme', 'new@acme.test', 'member') as r").fetchone()["r"]
     with acting_as(conn, "authenticated", {"sub": member, "role": "authenticated"}, commit=True) as cur:
         cur.execute("select public.debit_credits(1, 'explain', 'acme')")
+    conn.execute("select public.admin_set_slices('acme', 4)")  # a sliced pool: its slices are rows to read
     conn.execute("insert into public.audit_checkpoints (scope_id, seq, hash) values (%s, 0, '\\x00')", (acme,))
     conn.execute("insert into public.subscriptions (id, account_id, tier, status, last_event_at)"
                  " values ('sub_acme', %s, 'team', 'active', now())", (acme,))
@@ -88,6 +89,8 @@ TABLES = {
     "credit_accounts": ("select count(*) as n from public.credit_accounts where id = %(acme)s",
                         {"read": {"member", "viewer", "admin"}}),
     "credit_prices": ("select count(*) as n from public.credit_prices", USERS_AND_CI),
+    "credit_slices": ("select count(*) as n from public.credit_slices where account_id = %(acme)s",
+                      {"read": {"member", "viewer", "admin"}}),
 }
 WRITES = {
     "orgs": {"insert": "insert into public.orgs (slug, name) values ('x-new', 'X')",
@@ -130,6 +133,9 @@ WRITES = {
     "credit_accounts": {"insert": "insert into public.credit_accounts (id) values (gen_random_uuid())",
                         "update": "update public.credit_accounts set balance = balance + 1000 where id = %(acme)s",
                         "delete": "delete from public.credit_accounts where id = %(acme)s"},
+    "credit_slices": {"insert": "insert into public.credit_slices (account_id, slice, balance) values (%(acme)s, 9, 1000)",
+                      "update": "update public.credit_slices set balance = balance + 1000 where account_id = %(acme)s",
+                      "delete": "delete from public.credit_slices where account_id = %(acme)s"},
     "credit_prices": {"insert": "insert into public.credit_prices (action, credits) values ('free', 1)",
                       "update": "update public.credit_prices set credits = 1",
                       "delete": "delete from public.credit_prices"},
@@ -194,7 +200,7 @@ BACKEND_ONLY = [
     "grant_credits", "authenticate_api_key", "ledger_mismatches", "set_stripe_customer", "stripe_apply_event",
     "purge_audit_logs", "admin_add_member", "admin_create_api_key", "admin_find_user", "admin_create_org",
     "admin_set_member_role", "admin_remove_member", "admin_revoke_api_key", "admin_set_org_plan",
-    "admin_verify_audit_log", "admin_set_audit_retention", "admin_get_org", "admin_set_prices", "seal_audit_logs",
+    "admin_verify_audit_log", "admin_set_audit_retention", "admin_get_org", "admin_set_prices", "seal_audit_logs", "admin_set_slices",
 ]
 
 

@@ -1,31 +1,61 @@
 -- The credit ledger: one account model, pgledger-style.
 --
--- Every balance is a row of credit_accounts: an org's pool (id = the org's id) or a user's
+-- Every balance belongs to a row of credit_accounts: an org's pool (id = the org's id) or a user's
 -- personal credits (id = the user's id). Every change to a balance goes through one function,
--- private.apply_credit_change, which applies a signed amount with one conditional UPDATE (never
+-- private.apply_credit_change, which applies a signed amount with conditional UPDATEs (never
 -- read-then-write), writes the ledger row and the audit event in the same transaction, and makes
 -- a replay with the same idempotency key return the first result. Invariant: for every account,
--- the sum of its ledger amounts equals its balance, and the balance is never negative.
+-- the sum of its ledger amounts equals its balance, and no balance is ever negative.
+--
+-- A hot pool can be sliced: its balance then lives in K rows of credit_slices (K = slices, up to
+-- 64), so that concurrent spends take different rows instead of queueing on one. A spend takes an
+-- unlocked slice that can pay, starting at the one its actor prefers; only when none can (all are
+-- busy, or each is short) does it lock the whole pool, pay from its total, spread the rest evenly
+-- again, and grow K when contention was the cause. The account's balance is the sum of its slices;
+-- refusal still happens only when the whole pool cannot pay. Small accounts keep one slice: the
+-- balance on their credit_accounts row, read and changed with one statement.
 
 create table public.credit_accounts (
   id uuid primary key,
   org_id uuid references public.orgs (id) on delete restrict,
   balance bigint not null default 0,
+  slices integer not null default 1,
   stripe_customer_id text,
   created_at timestamptz not null default now(),
   constraint credit_accounts_balance_nonnegative check (balance >= 0),
+  constraint credit_accounts_slices_range check (slices between 1 and 64),
+  constraint credit_accounts_sliced_balance check (slices = 1 or balance = 0),
   constraint credit_accounts_org_is_id check (org_id is null or org_id = id),
   constraint credit_accounts_stripe_customer_id_key unique (stripe_customer_id)
 );
 comment on table public.credit_accounts is
-  'One credit balance per org (id = org_id = the org''s id) or per user (id = the user''s id, org_id null). '
+  'One credit account per org (id = org_id = the org''s id) or per user (id = the user''s id, org_id null). Its '
+  'balance: the balance column when slices = 1, else the sum of its credit_slices (private.account_balance). '
   'Changed only by private.apply_credit_change; never negative.';
+comment on column public.credit_accounts.slices is
+  'How many rows the balance is spread over (1: this row''s balance; more: credit_slices, for a hot pool).';
 comment on column public.credit_accounts.stripe_customer_id is 'The Stripe customer that pays for this account.';
 alter table public.credit_accounts enable row level security;
 revoke all on table public.credit_accounts from anon, authenticated, service_role;
 grant select on table public.credit_accounts to authenticated, service_role;
 create policy credit_accounts_select on public.credit_accounts for select to authenticated
   using (id = (select auth.uid()) or id in (select private.user_org_ids()));
+
+create table public.credit_slices (
+  account_id uuid not null references public.credit_accounts (id) on delete restrict,
+  slice integer not null,
+  balance bigint not null,
+  primary key (account_id, slice),
+  constraint credit_slices_balance_nonnegative check (balance >= 0),
+  constraint credit_slices_slice_range check (slice between 0 and 63)
+);
+comment on table public.credit_slices is
+  'A sliced pool''s balance, spread over slices 0..K-1 (K = credit_accounts.slices > 1). Never negative.';
+alter table public.credit_slices enable row level security;
+revoke all on table public.credit_slices from anon, authenticated, service_role;
+grant select on table public.credit_slices to authenticated, service_role;
+create policy credit_slices_select on public.credit_slices for select to authenticated
+  using (account_id = (select auth.uid()) or account_id in (select private.user_org_ids()));
 
 create table public.credit_prices (
   action text primary key,
@@ -121,25 +151,114 @@ comment on function private.check_credit_args(bigint, text, text, jsonb, bigint)
 revoke all on function private.check_credit_args(bigint, text, text, jsonb, bigint)
   from public, anon, authenticated, service_role;
 
-create function private.tx_json(t public.credit_transactions, p_replayed boolean) returns jsonb
-language plpgsql stable security definer set search_path = '' as $$
-declare
-  v_slug text := (select o.slug from public.orgs o where o.id = t.account_id);
+create function private.tx_json(t public.credit_transactions, p_replayed boolean, p_slug text) returns jsonb
+language plpgsql immutable set search_path = '' as $$
 begin
   return jsonb_build_object(
     'transaction_id', t.id,
-    'source', case when v_slug is null then 'user' else 'org' end,
-    'org_id', case when v_slug is not null then t.account_id end,
-    'org_slug', v_slug,
-    'user_id', case when v_slug is null then t.account_id end,
+    'source', case when p_slug is null then 'user' else 'org' end,
+    'org_id', case when p_slug is not null then t.account_id end,
+    'org_slug', p_slug,
+    'user_id', case when p_slug is null then t.account_id end,
     'amount', t.amount,
     'balance', t.balance_after,
     'reason', t.reason,
     'replayed', p_replayed);
 end $$;
-comment on function private.tx_json(public.credit_transactions, boolean) is
+comment on function private.tx_json(public.credit_transactions, boolean, text) is
   'A ledger row as the money RPCs answer it: {transaction_id, source, org_id, org_slug, balance, replayed, ...}.';
-revoke all on function private.tx_json(public.credit_transactions, boolean) from public, anon, authenticated, service_role;
+revoke all on function private.tx_json(public.credit_transactions, boolean, text)
+  from public, anon, authenticated, service_role;
+
+-- Balances and pools ---------------------------------------------------------------------------
+
+create function private.account_balance(p_account uuid) returns bigint
+language plpgsql stable security definer set search_path = '' as $$
+begin
+  return (select a.balance + coalesce((select sum(s.balance) from public.credit_slices s where s.account_id = a.id), 0)
+          from public.credit_accounts a where a.id = p_account);
+end $$;
+comment on function private.account_balance(uuid) is 'An account''s balance: its own, or the sum of its slices.';
+revoke all on function private.account_balance(uuid) from public, anon, authenticated, service_role;
+
+create function private.lock_account(p_account uuid) returns bigint
+language plpgsql volatile security definer set search_path = '' as $$
+begin
+  -- Every spend locks the row it takes from (the account, or one of its slices), so whatever changes who
+  -- may spend from a pool (members, keys, invites) locks them all: it then serializes with spends in
+  -- flight, one of the two sees the other. Stripe paths lock it before the rows that reference it.
+  -- Always in this order (the account, then its slices by number), so two lockers cannot deadlock.
+  perform 1 from public.credit_accounts a where a.id = p_account for update;
+  perform 1 from public.credit_slices s where s.account_id = p_account order by s.slice for update;
+  return private.account_balance(p_account);
+end $$;
+comment on function private.lock_account(uuid) is
+  'Lock an account and all its slices (the locks spends take), in a fixed order; returns its balance.';
+revoke all on function private.lock_account(uuid) from public, anon, authenticated, service_role;
+
+create function private.spread_pool(p_account uuid, p_total bigint, p_slices integer, p_cause text) returns bigint
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_before integer := (select a.slices from public.credit_accounts a where a.id = p_account);
+  v_slices integer := least(greatest(p_slices, 1), 64);
+begin
+  -- The caller holds the pool (private.lock_account). Ledger-neutral: the total does not change here.
+  delete from public.credit_slices s where s.account_id = p_account and (v_slices = 1 or s.slice >= v_slices);
+  if v_slices = 1 then
+    update public.credit_accounts a set balance = p_total, slices = 1 where a.id = p_account;
+  else
+    update public.credit_accounts a set balance = 0, slices = v_slices where a.id = p_account;
+    insert into public.credit_slices as s (account_id, slice, balance)
+    select p_account, g, p_total / v_slices + case when g < p_total % v_slices then 1 else 0 end
+    from generate_series(0, v_slices - 1) g
+    on conflict (account_id, slice) do update set balance = excluded.balance;
+  end if;
+  if p_cause is not null then
+    perform private.audit_append(p_account, (select a.org_id from public.credit_accounts a where a.id = p_account),
+      'credit_pool_rebalanced', 'credit_account', p_account::text,
+      jsonb_build_object('slices_before', v_before, 'slices', v_slices, 'balance', p_total, 'cause', p_cause));
+  end if;
+  return p_total;
+end $$;
+comment on function private.spread_pool(uuid, bigint, integer, text) is
+  'Set a locked pool''s total and spread it evenly over p_slices rows (1: the account row). With p_cause, audited as '
+  'credit_pool_rebalanced. Ledger-neutral when the total is unchanged.';
+revoke all on function private.spread_pool(uuid, bigint, integer, text) from public, anon, authenticated, service_role;
+
+create function private.spend_from_slices(p_account uuid, p_amount bigint, p_prefer integer) returns bigint
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_slices integer := (select a.slices from public.credit_accounts a where a.id = p_account);
+  v_slice integer;
+  v_total bigint;
+begin
+  -- 1. An unlocked slice that can pay, starting at the one this actor prefers: concurrent spends take
+  -- different slices; none waits for another.
+  select s.slice into v_slice from public.credit_slices s
+  where s.account_id = p_account and s.balance >= p_amount
+  order by (s.slice - p_prefer % v_slices + v_slices) % v_slices
+  for update skip locked limit 1;
+  if v_slice is not null then
+    update public.credit_slices s set balance = s.balance - p_amount
+    where s.account_id = p_account and s.slice = v_slice;
+    return private.account_balance(p_account);
+  end if;
+  -- 2. None can: every slice is busy, or each one is short. Hold the whole pool; refuse only when its total
+  -- cannot pay; otherwise pay from the total and spread the rest again (more slices when they were all busy).
+  v_total := private.lock_account(p_account);
+  if v_total < p_amount then
+    return null;
+  end if;
+  v_slices := (select a.slices from public.credit_accounts a where a.id = p_account);
+  if exists (select 1 from public.credit_slices s where s.account_id = p_account and s.balance >= p_amount) then
+    return private.spread_pool(p_account, v_total - p_amount, least(v_slices * 2, 64), 'contention');
+  end if;
+  return private.spread_pool(p_account, v_total - p_amount, v_slices, 'shortage');
+end $$;
+comment on function private.spend_from_slices(uuid, bigint, integer) is
+  'Take p_amount from a sliced pool: a free slice that can pay, else the whole pool (spread again, or grown when it '
+  'was contention); returns the pool''s balance after, or null when the whole pool cannot pay.';
+revoke all on function private.spend_from_slices(uuid, bigint, integer) from public, anon, authenticated, service_role;
 
 create function private.apply_credit_change(
   p_account uuid, p_amount bigint, p_reason text, p_key text, p_system boolean, p_metadata jsonb,
@@ -148,14 +267,27 @@ returns jsonb
 language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_uid uuid := (select auth.uid());
-  v_key_id uuid := (select s.key_id from private.service_key() s);
+  v_key_id uuid;
+  v_slices integer;
   v_org boolean;
+  v_slug text;
   v_balance bigint;
   v_amount bigint := p_amount;
   v_role text;
   v_prev public.credit_transactions;
   v_tx public.credit_transactions;
+  v_event public.audit_logs;
 begin
+  if v_uid is null then
+    v_key_id := (select s.key_id from private.service_key() s);
+  end if;
+  -- What the account is (and the org's slug, for the answer): read before any lock.
+  select a.slices, a.org_id is not null, o.slug into v_slices, v_org, v_slug
+  from public.credit_accounts a left join public.orgs o on o.id = a.org_id where a.id = p_account;
+  if v_slices is null then
+    perform private.err(404, 'account_not_found', 'No such credit account.', jsonb_build_object('account_id', p_account));
+  end if;
+
   -- 1. A key seen before returns the first result (client keys and system keys are separate
   -- namespaces); concurrent calls with one key serialize on the advisory lock.
   if p_key is not null then
@@ -178,43 +310,53 @@ begin
             when v_prev.actor_user_id is not distinct from v_uid and v_prev.service_key_id is not distinct from v_key_id
             then jsonb_build_object('transaction_id', v_prev.id) else '{}'::jsonb end);
       end if;
-      return private.tx_json(v_prev, true);
+      return private.tx_json(v_prev, true, v_slug);
     end if;
   end if;
+  v_tx.id := gen_random_uuid();
+  if p_audit and p_amount < 0 then
+    -- The spend's event (actor, address, user agent, time) is built before the lock, too.
+    v_event := private.audit_row(p_account, case when v_org then p_account end, 'credit_debit', 'credit_transaction',
+                                 v_tx.id::text, null, null);
+  end if;
 
-  -- 2. One conditional UPDATE: the balance never goes below zero.
-  update public.credit_accounts a set balance = a.balance + p_amount
-  where a.id = p_account and a.balance + p_amount >= 0
-  returning a.balance, a.org_id is not null into v_balance, v_org;
-  if v_balance is null then
-    if not p_partial then
-      select a.balance, a.org_id is not null into v_balance, v_org from public.credit_accounts a where a.id = p_account;
-      if v_org is null then
-        perform private.err(404, 'account_not_found', 'No such credit account.',
-                            jsonb_build_object('account_id', p_account));
-      end if;
+  -- 2. The balance, with conditional UPDATEs: never below zero.
+  if p_amount < 0 and not p_partial then
+    if v_slices = 1 then
+      update public.credit_accounts a set balance = a.balance + p_amount
+      where a.id = p_account and a.slices = 1 and a.balance + p_amount >= 0
+      returning a.balance into v_balance;
+    end if;
+    if v_balance is null and (v_slices > 1 or (select a.slices from public.credit_accounts a where a.id = p_account) > 1)
+    then
+      v_balance := private.spend_from_slices(p_account, -p_amount, hashtext(coalesce(v_uid, v_key_id)::text) & 65535);
+    end if;
+    if v_balance is null then
+      v_balance := private.account_balance(p_account);
       perform private.err(402, 'insufficient_credits',
         format('%s has %s credits, %s needed.', case when v_org then 'The org' else 'Your personal balance' end,
                v_balance, -p_amount),
         jsonb_build_object('balance', v_balance, 'needed', -p_amount, 'source', case when v_org then 'org' else 'user' end,
                            'org_id', case when v_org then p_account end));
     end if;
-    -- A take-back (refund, dispute) takes what is there; the caller records any shortfall.
-    select a.balance, a.org_id is not null into v_balance, v_org from public.credit_accounts a
-    where a.id = p_account for update;
-    if v_org is null then
-      perform private.err(404, 'account_not_found', 'No such credit account.', jsonb_build_object('account_id', p_account));
-    end if;
-    v_amount := -v_balance;
+  elsif p_amount > 0 and v_slices = 1 then
+    update public.credit_accounts a set balance = a.balance + p_amount where a.id = p_account and a.slices = 1
+    returning a.balance into v_balance;
+  end if;
+  if v_balance is null then
+    -- A grant to a sliced pool, or a take-back (refund, dispute: it takes what is there, and the caller records
+    -- any shortfall): the whole pool, locked.
+    v_balance := private.lock_account(p_account);
+    v_amount := case when p_amount > 0 then p_amount else -least(v_balance, -p_amount) end;
     if v_amount = 0 then
       return null;
     end if;
-    update public.credit_accounts a set balance = 0 where a.id = p_account;
-    v_balance := 0;
+    v_slices := (select a.slices from public.credit_accounts a where a.id = p_account);
+    v_balance := private.spread_pool(p_account, v_balance + v_amount, v_slices, null);
   end if;
 
-  -- 3. A spend re-reads the caller's right now that the account row is locked: membership changes
-  -- and key revocations take the same lock, so one of a spend and a concurrent removal loses.
+  -- 3. A spend re-reads the caller's right now that its row is locked: membership changes and key
+  -- revocations lock the whole pool, so one of a spend and a concurrent removal loses.
   if p_spend_roles is not null and v_org then
     v_role := private.actor_role(p_account);
     if v_role is null or not v_role = any (p_spend_roles) then
@@ -226,66 +368,30 @@ begin
 
   -- 4. The ledger row and the audit event, in the same transaction.
   insert into public.credit_transactions
-    (account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, system_key, metadata)
-  values (p_account, v_uid, v_key_id, v_amount, v_balance, p_reason,
+    (id, account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, system_key, metadata)
+  values (v_tx.id, p_account, v_uid, v_key_id, v_amount, v_balance, p_reason,
           case when not p_system then p_key end, case when p_system then p_key end,
           p_metadata || case when p_partial then jsonb_build_object('requested', -p_amount,
                                                                     'shortfall', v_amount - p_amount) else '{}' end)
   returning * into v_tx;
-  if p_audit and v_amount < 0 then
-    -- The spend path: the event is written now, in this transaction, and sealed into the chain right after
-    -- commit, so that spends do not queue on the org's chain as well as on its balance.
-    perform private.audit_append_pending(p_account, case when v_org then p_account end, 'credit_debit',
-      'credit_transaction', v_tx.id::text,
-      jsonb_build_object('amount', -v_amount, 'reason', p_reason, 'source', case when v_org then 'org' else 'user' end,
-                         'balance_after', v_balance, 'idempotency_key', p_key));
+  if v_event.id is not null then
+    -- The spend path: into the outbox, sealed into the chain right after commit, so that spends do not queue
+    -- on the org's chain as well as on its balance.
+    v_event.metadata := jsonb_build_object('amount', -v_amount, 'reason', p_reason,
+      'source', case when v_org then 'org' else 'user' end, 'balance_after', v_balance, 'idempotency_key', p_key);
+    insert into private.audit_outbox (event) values (v_event);
   elsif p_audit then
     perform private.audit_append(p_account, case when v_org then p_account end, 'credits_granted',
       'credit_transaction', v_tx.id::text,
       jsonb_build_object('amount', v_amount, 'reason', p_reason, 'balance_after', v_balance,
                          'idempotency_key', p_key, 'metadata', p_metadata));
   end if;
-  return private.tx_json(v_tx, false);
+  return private.tx_json(v_tx, false, v_slug);
 end $$;
 comment on function private.apply_credit_change(uuid, bigint, text, text, boolean, jsonb, text[], boolean, boolean) is
-  'The one way a balance changes: apply a signed amount to an account (PT402 below zero, or with p_partial take '
-  'what is there), write the ledger row and (p_audit) the credit_debit / credits_granted event. A replayed key '
-  '(p_system: the platform''s namespace) returns the first result. p_spend_roles: re-check the caller''s role '
-  'once the account is locked.';
+  'The one way a balance changes: apply a signed amount to an account or its pool (PT402 below zero, or with '
+  'p_partial take what is there), write the ledger row and (p_audit) the credit_debit / credits_granted event. A '
+  'replayed key (p_system: the platform''s namespace) returns the first result. p_spend_roles: re-check the caller''s '
+  'role once its row is locked.';
 revoke all on function private.apply_credit_change(uuid, bigint, text, text, boolean, jsonb, text[], boolean, boolean)
   from public, anon, authenticated, service_role;
-
-create function private.lock_account(p_account uuid) returns void
-language plpgsql volatile security definer set search_path = '' as $$
-begin
-  -- Every spend locks its account row (the conditional UPDATE), so whatever changes who may spend
-  -- from an org's pool (members, keys, invites) locks it too: it then serializes with spends in
-  -- flight, one of the two sees the other. Stripe paths lock it before the rows that reference it.
-  perform 1 from public.credit_accounts a where a.id = p_account for update;
-end $$;
-comment on function private.lock_account(uuid) is
-  'Take the lock spends take on an account: before changing who may spend from it, or what Stripe says about it.';
-revoke all on function private.lock_account(uuid) from public, anon, authenticated, service_role;
-
--- Accounts for every org and user ---------------------------------------------------------------
-
-create function private.open_account() returns trigger
-language plpgsql security definer set search_path = '' as $$
-begin
-  insert into public.credit_accounts (id, org_id) values (new.id, case when tg_table_name = 'orgs' then new.id end)
-  on conflict (id) do nothing;
-  if tg_table_name = 'profiles' then
-    -- New users start with 10 credits: a ledger row like any other grant.
-    perform private.apply_credit_change(new.id, 10, 'signup_bonus', 'signup:' || new.id::text, true, '{}'::jsonb,
-                                        p_audit => false);
-  end if;
-  return new;
-end $$;
-comment on function private.open_account() is
-  'Trigger on orgs and profiles: every org and every user gets a credit account (users with a 10-credit bonus).';
-revoke all on function private.open_account() from public, anon, authenticated, service_role;
-
-create trigger orgs_open_account after insert on public.orgs
-  for each row execute function private.open_account();
-create trigger profiles_open_account after insert on public.profiles
-  for each row execute function private.open_account();

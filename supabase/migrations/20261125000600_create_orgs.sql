@@ -109,7 +109,7 @@ language plpgsql stable security definer set search_path = '' as $$
 begin
   return (select jsonb_build_object(
     'id', o.id, 'slug', o.slug, 'name', o.name, 'plan', o.plan,
-    'credit_balance', a.balance, 'role', p_role,
+    'credit_balance', private.account_balance(a.id), 'role', p_role,
     'created_at', o.created_at, 'updated_at', o.updated_at)
   from public.orgs o join public.credit_accounts a on a.id = o.id where o.id = p_org_id);
 end $$;
@@ -218,7 +218,7 @@ grant execute on function public.update_org(text, text, text) to authenticated;
 create function public.me() returns jsonb
 language sql stable security definer set search_path = '' as $$
   select jsonb_build_object(
-    'id', p.id, 'email', p.email, 'credit_balance', a.balance, 'plan', p.plan,
+    'id', p.id, 'email', p.email, 'credit_balance', private.account_balance(a.id), 'plan', p.plan,
     'default_org', (select jsonb_build_object('id', o.id, 'slug', o.slug, 'name', o.name)
                     from public.orgs o where o.id = p.default_org_id),
     'memberships', coalesce((select jsonb_agg(jsonb_build_object(

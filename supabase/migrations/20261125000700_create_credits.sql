@@ -93,11 +93,11 @@ begin
   select * into v_org from public.orgs o where o.id = c.org_id;
   return jsonb_build_object(
     'tier', case when v_org.plan = 'team' then 'team' when v_profile.plan = 'pro' then 'pro' else 'free' end,
-    'balance', coalesce((select a.balance from public.credit_accounts a where a.id = coalesce(c.org_id, v_profile.id)), 0),
+    'balance', coalesce(private.account_balance(coalesce(c.org_id, v_profile.id)), 0),
     'source', case when c.org_id is null then 'user' else 'org' end,
     'org', case when c.org_id is not null then jsonb_build_object(
       'id', v_org.id, 'slug', v_org.slug, 'name', v_org.name, 'role', c.role, 'plan', v_org.plan) end,
-    'personal_balance', (select a.balance from public.credit_accounts a where a.id = v_profile.id),
+    'personal_balance', private.account_balance(v_profile.id),
     'plan', v_profile.plan);
 end $$;
 comment on function public.billing_status(text) is
@@ -145,9 +145,10 @@ language plpgsql stable security definer set search_path = '' as $$
 begin
   perform private.require_backend('ledger_mismatches');
   return query
-    select case when a.org_id is null then 'user' else 'org' end, a.id, a.balance, coalesce(sum(t.amount), 0)::bigint
+    select case when a.org_id is null then 'user' else 'org' end, a.id, private.account_balance(a.id),
+           coalesce(sum(t.amount), 0)::bigint
     from public.credit_accounts a left join public.credit_transactions t on t.account_id = a.id
-    group by a.id having a.balance <> coalesce(sum(t.amount), 0);
+    group by a.id having private.account_balance(a.id) <> coalesce(sum(t.amount), 0);
 end $$;
 comment on function public.ledger_mismatches() is
   'Accounts whose balance differs from the sum of their ledger (should always be empty). Operator only.';

@@ -165,6 +165,25 @@ comment on function public.admin_set_org_plan(text, text) is
 revoke all on function public.admin_set_org_plan(text, text) from public, anon, authenticated, service_role;
 grant execute on function public.admin_set_org_plan(text, text) to service_role;  -- backend only
 
+create function public.admin_set_slices(org text, slices integer) returns jsonb
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_org uuid := private.operator_org('admin_set_slices', admin_set_slices.org);
+  v_total bigint;
+begin
+  if admin_set_slices.slices is null or admin_set_slices.slices not between 1 and 64 then
+    perform private.err(400, 'invalid_slices', 'slices is 1-64 (1: one balance row).', '{"field": "slices"}');
+  end if;
+  v_total := private.lock_account(v_org);
+  perform private.spread_pool(v_org, v_total, admin_set_slices.slices, 'operator');
+  return jsonb_build_object('org_id', v_org, 'slices', admin_set_slices.slices, 'balance', v_total);
+end $$;
+comment on function public.admin_set_slices(text, integer) is
+  'Operator: spread an org''s pool over this many rows (a hot org''s spends then take different rows); '
+  'ledger-neutral, audited as credit_pool_rebalanced.';
+revoke all on function public.admin_set_slices(text, integer) from public, anon, authenticated, service_role;
+grant execute on function public.admin_set_slices(text, integer) to service_role;  -- backend only
+
 create function public.admin_set_prices(prices jsonb, replace_all boolean default false) returns jsonb
 language plpgsql volatile security definer set search_path = '' as $$
 -- Each price is checked before it is written; with replace_all, actions not named are dropped afterwards.
