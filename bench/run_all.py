@@ -12,8 +12,8 @@ from bench.common import progress
 def summary(machine: str, results: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str, str, str]] = []
     for r in results.get("debit", []):
-        rows.append((f"debit_credits tx/s, {r['workload']}", str(r["clients"]), f"{r['rpc']:.0f}",
-                     f"{r['baseline']:.0f}", f"{r['ratio']:.2f}"))
+        rows.append((f"tx/s (pgbench), {r['workload']}", str(r["clients"]), f"{r['tps']:.0f}",
+                     f"{r['raw']:.0f}", f"{r['ratio']:.2f}"))
     for r in results.get("http", []):
         rows.append(("POST /credits/consume req/s (p50 / p99 ms)", str(r["clients"]),
                      f"{r['rps']:.0f} ({r['p50_ms']:.1f} / {r['p99_ms']:.1f})", "", ""))
@@ -39,11 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     seconds = ["--seconds", "1" if args.quick else "5"]
+    rounds = ["--rounds", "1" if args.quick else "3"]
     results: dict[str, Any] = {}
     machine = ""
     if "debit" in only:
         progress("== debit_credits vs raw SQL ==")
-        results["debit"] = debit.main(seconds)
+        results["debit"] = debit.main([*seconds, *rounds])
         print()
     if "http" in only:
         progress("== POST /credits/consume over HTTP ==")

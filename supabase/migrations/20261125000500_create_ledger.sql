@@ -187,8 +187,10 @@ begin
   -- Every spend locks the row it takes from (the account, or one of its slices), so whatever changes who
   -- may spend from a pool (members, keys, invites) locks them all: it then serializes with spends in
   -- flight, one of the two sees the other. Stripe paths lock it before the rows that reference it.
-  -- Always in this order (the account, then its slices by number), so two lockers cannot deadlock.
-  perform 1 from public.credit_accounts a where a.id = p_account for update;
+  -- Always in this order (the account, then its slices by number), so two lockers cannot deadlock; and the
+  -- account row only FOR NO KEY UPDATE, which a spend's ledger row (a foreign key to it: KEY SHARE) never waits
+  -- for, while it holds a slice that this locker waits for.
+  perform 1 from public.credit_accounts a where a.id = p_account for no key update;
   perform 1 from public.credit_slices s where s.account_id = p_account order by s.slice for update;
   return private.account_balance(p_account);
 end $$;
@@ -225,26 +227,50 @@ comment on function private.spread_pool(uuid, bigint, integer, text) is
   'credit_pool_rebalanced. Ledger-neutral when the total is unchanged.';
 revoke all on function private.spread_pool(uuid, bigint, integer, text) from public, anon, authenticated, service_role;
 
-create function private.spend_from_slices(p_account uuid, p_amount bigint, p_prefer integer) returns bigint
+create function private.take_slice(p_account uuid, p_amount bigint, p_prefer integer) returns bigint
 language plpgsql volatile security definer set search_path = '' as $$
 declare
   v_slices integer := (select a.slices from public.credit_accounts a where a.id = p_account);
   v_slice integer;
-  v_total bigint;
 begin
-  -- 1. An unlocked slice that can pay, starting at the one this actor prefers: concurrent spends take
-  -- different slices; none waits for another.
-  select s.slice into v_slice from public.credit_slices s
-  where s.account_id = p_account and s.balance >= p_amount
-  order by (s.slice - p_prefer % v_slices + v_slices) % v_slices
-  for update skip locked limit 1;
-  if v_slice is not null then
-    update public.credit_slices s set balance = s.balance - p_amount
-    where s.account_id = p_account and s.slice = v_slice;
-    return private.account_balance(p_account);
+  -- An unlocked slice that can pay, starting at the one this actor prefers: concurrent spends take different
+  -- slices; none waits for another. In a subtransaction: a slice that another spend emptied between this
+  -- statement's snapshot and its lock is locked but skipped, and a caller that goes on to lock the whole pool
+  -- (account, then every slice) while holding it would deadlock with a whole-pool locker waiting for it. When
+  -- no slice can pay, the rollback releases whatever was locked.
+  begin
+    with s as (
+      select x.slice from public.credit_slices x
+      where x.account_id = p_account and x.balance >= p_amount
+      order by (x.slice - p_prefer % v_slices + v_slices) % v_slices
+      for update skip locked limit 1)
+    update public.credit_slices x set balance = x.balance - p_amount from s
+    where x.account_id = p_account and x.slice = s.slice and x.balance >= p_amount
+    returning x.slice into v_slice;
+    if v_slice is null then
+      raise exception using errcode = 'UPNSL';
+    end if;
+  exception when sqlstate 'UPNSL' then
+    return null;
+  end;
+  return private.account_balance(p_account);
+end $$;
+comment on function private.take_slice(uuid, bigint, integer) is
+  'Take p_amount from a free slice of a sliced pool that can pay (null, holding no slice, when none can); returns '
+  'the pool''s balance after.';
+revoke all on function private.take_slice(uuid, bigint, integer) from public, anon, authenticated, service_role;
+
+create function private.spend_from_slices(p_account uuid, p_amount bigint, p_prefer integer) returns bigint
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_slices integer;
+  v_total bigint := private.take_slice(p_account, p_amount, p_prefer);
+begin
+  if v_total is not null then
+    return v_total;
   end if;
-  -- 2. None can: every slice is busy, or each one is short. Hold the whole pool; refuse only when its total
-  -- cannot pay; otherwise pay from the total and spread the rest again (more slices when they were all busy).
+  -- No free slice can pay: every slice is busy, or each is short. Hold the whole pool; refuse only when its
+  -- total cannot pay; otherwise pay from the total and spread the rest again (more slices when they were busy).
   v_total := private.lock_account(p_account);
   if v_total < p_amount then
     return null;
@@ -259,6 +285,46 @@ comment on function private.spend_from_slices(uuid, bigint, integer) is
   'Take p_amount from a sliced pool: a free slice that can pay, else the whole pool (spread again, or grown when it '
   'was contention); returns the pool''s balance after, or null when the whole pool cannot pay.';
 revoke all on function private.spend_from_slices(uuid, bigint, integer) from public, anon, authenticated, service_role;
+
+create function private.record_spend(p_tx uuid, p_account uuid, p_uid uuid, p_key_id uuid, p_amount bigint,
+                                     p_balance bigint, p_reason text, p_key text, p_metadata jsonb,
+                                     p_event public.audit_logs, p_slug text)
+returns jsonb
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_result jsonb;
+begin
+  -- The spend's ledger row and its audit event (into the outbox: sealed into the chain right after commit, so that
+  -- spends do not queue on the org's chain as well as on its balance), in one statement, while the balance is held.
+  with t as (
+    insert into public.credit_transactions
+      (id, account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, metadata)
+    values (p_tx, p_account, p_uid, p_key_id, -p_amount, p_balance, p_reason, p_key, p_metadata)
+    returning *),
+  e as (
+    insert into private.audit_outbox (event)
+    select jsonb_populate_record(p_event, jsonb_build_object('metadata', p_event.metadata || jsonb_build_object(
+      'amount', p_amount, 'reason', p_reason, 'source', case when p_slug is null then 'user' else 'org' end,
+      'balance_after', t.balance_after, 'idempotency_key', p_key)))
+    from t)
+  select private.tx_json(t::public.credit_transactions, false, p_slug) into v_result from t;
+  return v_result;
+end $$;
+comment on function private.record_spend(uuid, uuid, uuid, uuid, bigint, bigint, text, text, jsonb, public.audit_logs,
+                                         text) is
+  'A spend''s ledger row and credit_debit event (p_event, built before the lock), once its balance is taken; its answer.';
+revoke all on function private.record_spend(uuid, uuid, uuid, uuid, bigint, bigint, text, text, jsonb, public.audit_logs,
+                                            text) from public, anon, authenticated, service_role;
+
+create function private.lock_idempotency_key(p_account uuid, p_system boolean, p_key text) returns void
+language plpgsql volatile set search_path = '' as $$
+begin
+  perform pg_advisory_xact_lock(hashtextextended(
+    p_account::text || case when p_system then '/system/' else '/client/' end || p_key, 0));
+end $$;
+comment on function private.lock_idempotency_key(uuid, boolean, text) is
+  'Serialize the transactions that use one idempotency key on one account (client and system keys apart).';
+revoke all on function private.lock_idempotency_key(uuid, boolean, text) from public, anon, authenticated, service_role;
 
 create function private.apply_credit_change(
   p_account uuid, p_amount bigint, p_reason text, p_key text, p_system boolean, p_metadata jsonb,
@@ -291,8 +357,7 @@ begin
   -- 1. A key seen before returns the first result (client keys and system keys are separate
   -- namespaces); concurrent calls with one key serialize on the advisory lock.
   if p_key is not null then
-    perform pg_advisory_xact_lock(hashtextextended(
-      p_account::text || case when p_system then '/system/' else '/client/' end || p_key, 0));
+    perform private.lock_idempotency_key(p_account, p_system, p_key);
     if p_system then
       select * into v_prev from public.credit_transactions t where t.account_id = p_account and t.system_key = p_key;
     else
@@ -314,8 +379,8 @@ begin
     end if;
   end if;
   v_tx.id := gen_random_uuid();
-  if p_audit and p_amount < 0 then
-    -- The spend's event (actor, address, user agent, time) is built before the lock, too.
+  if p_audit and p_amount < 0 and not p_system and not p_partial then
+    -- A client's spend: its event (actor, address, user agent, time) is built before the lock, too.
     v_event := private.audit_row(p_account, case when v_org then p_account end, 'credit_debit', 'credit_transaction',
                                  v_tx.id::text, null, null);
   end if;
@@ -367,6 +432,10 @@ begin
   end if;
 
   -- 4. The ledger row and the audit event, in the same transaction.
+  if v_event.id is not null then
+    return private.record_spend(v_tx.id, p_account, v_uid, v_key_id, p_amount * -1, v_balance, p_reason, p_key,
+                                p_metadata, v_event, v_slug);
+  end if;
   insert into public.credit_transactions
     (id, account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, system_key, metadata)
   values (v_tx.id, p_account, v_uid, v_key_id, v_amount, v_balance, p_reason,
@@ -374,16 +443,10 @@ begin
           p_metadata || case when p_partial then jsonb_build_object('requested', -p_amount,
                                                                     'shortfall', v_amount - p_amount) else '{}' end)
   returning * into v_tx;
-  if v_event.id is not null then
-    -- The spend path: into the outbox, sealed into the chain right after commit, so that spends do not queue
-    -- on the org's chain as well as on its balance.
-    v_event.metadata := jsonb_build_object('amount', -v_amount, 'reason', p_reason,
-      'source', case when v_org then 'org' else 'user' end, 'balance_after', v_balance, 'idempotency_key', p_key);
-    insert into private.audit_outbox (event) values (v_event);
-  elsif p_audit then
-    perform private.audit_append(p_account, case when v_org then p_account end, 'credits_granted',
-      'credit_transaction', v_tx.id::text,
-      jsonb_build_object('amount', v_amount, 'reason', p_reason, 'balance_after', v_balance,
+  if p_audit then
+    perform private.audit_append(p_account, case when v_org then p_account end,
+      case when v_amount < 0 then 'credit_debit' else 'credits_granted' end, 'credit_transaction', v_tx.id::text,
+      jsonb_build_object('amount', abs(v_amount), 'reason', p_reason, 'balance_after', v_balance,
                          'idempotency_key', p_key, 'metadata', p_metadata));
   end if;
   return private.tx_json(v_tx, false, v_slug);

@@ -2,18 +2,107 @@
 -- caller may read it. Every change goes through private.apply_credit_change (the ledger
 -- migration); what is decided here is who may do it, from which account, and at what price.
 
+-- Spending: the common case in a few statements, the rest through apply_credit_change ---------------
+
+create function private.spend_fast(p_uid uuid, p_org text, p_amount bigint, p_reason text, p_key text,
+                                   p_metadata jsonb, p_roles text[])
+returns jsonb
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_claims jsonb := auth.jwt();
+  v_key_id uuid;
+  v_org uuid;
+  v_slug text;
+  v_slices integer;
+  v_price integer;
+  v_role text;
+  v_tx uuid := gen_random_uuid();
+  v_event public.audit_logs;
+  v_balance bigint;
+begin
+  -- A member (or the org's service key) spending from an org's pool that can pay, with a new idempotency key or
+  -- none: what the CLI does all day. Everything else returns null, and debit_credits takes the full path
+  -- (apply_credit_change), which also gives every refusal its error. Nothing is written unless this answers.
+  -- 1. Before any lock: the org (explicit, the API key's, the default), the price, the pool's shape, the role.
+  if p_uid is null then
+    v_key_id := nullif(v_claims -> 'upshift' ->> 'key_id', '')::uuid;
+  end if;
+  if (p_uid is null and v_key_id is null) or private.is_backend() then
+    return null;  -- no actor, or the operator (whose explicit org is the 'operator' role: the full path refuses it)
+  end if;
+  if p_org is not null and btrim(p_org) <> '' then
+    v_org := private.find_org(p_org);
+  else
+    v_org := coalesce(nullif(v_claims -> 'upshift' ->> 'org_id', '')::uuid,
+                      (select p.default_org_id from public.profiles p where p.id = p_uid));
+  end if;
+  select o.slug, a.slices, pr.credits, coalesce(m.role, case when k.id is not null then 'service' end)
+  into v_slug, v_slices, v_price, v_role
+  from public.orgs o
+  join public.credit_accounts a on a.id = o.id
+  left join public.credit_prices pr on pr.action = p_reason
+  left join public.org_members m on m.org_id = o.id and m.user_id = p_uid
+  left join public.api_keys k on k.id = v_key_id and k.org_id = o.id and k.kind = 'service' and k.revoked_at is null
+                              and (k.expires_at is null or k.expires_at > now())
+  where o.id = v_org;
+  if v_role is null or not v_role = any (p_roles) or v_price is null or p_amount < v_price then
+    return null;
+  end if;
+  if p_key is not null then
+    perform private.lock_idempotency_key(v_org, false, p_key);
+    if exists (select 1 from public.credit_transactions t where t.account_id = v_org and t.idempotency_key = p_key) then
+      return null;  -- a replay (or a conflict): the full path answers it
+    end if;
+  end if;
+  v_event := private.audit_row(v_org, v_org, 'credit_debit', 'credit_transaction', v_tx::text, null, null);
+
+  -- 2. The balance (its one row, or a free slice that can pay), then the ledger row and the audit event.
+  if v_slices = 1 then
+    update public.credit_accounts a set balance = a.balance - p_amount
+    where a.id = v_org and a.slices = 1 and a.balance >= p_amount
+    returning a.balance into v_balance;
+  else
+    v_balance := private.take_slice(v_org, p_amount, hashtext(coalesce(p_uid, v_key_id)::text) & 65535);
+  end if;
+  if v_balance is null then
+    return null;  -- short (or every slice busy or short): the full path pays from the whole pool, or refuses
+  end if;
+  -- 3. The caller's right, re-read now that its row is locked (a new snapshot): membership changes and key
+  -- revocations lock the whole pool first, so one of a spend and a concurrent removal sees the other.
+  if not coalesce(private.actor_role(v_org) = any (p_roles), false) then
+    perform private.err(403, 'cannot_spend',
+      'Your right to spend this org''s credits was withdrawn while the request was in flight.',
+      jsonb_build_object('org_id', v_org, 'role', private.actor_role(v_org)));
+  end if;
+  -- 4. The ledger row and the audit event.
+  return private.record_spend(v_tx, v_org, p_uid, v_key_id, p_amount, v_balance, p_reason, p_key, p_metadata, v_event,
+                              v_slug);
+end $$;
+comment on function private.spend_fast(uuid, text, bigint, text, text, jsonb, text[]) is
+  'debit_credits'' common case (a member or service key, an org pool that can pay, no replay) in few statements; '
+  'null when the full path (apply_credit_change) must answer. Writes what apply_credit_change writes (record_spend).';
+revoke all on function private.spend_fast(uuid, text, bigint, text, text, jsonb, text[])
+  from public, anon, authenticated, service_role;
+
 create function public.debit_credits(amount bigint, reason text, org text default null,
                                      idempotency_key text default null, metadata jsonb default '{}')
 returns jsonb
 language plpgsql volatile security definer set search_path = '' as $$
 declare
-  v_uid uuid := (select auth.uid());
+  v_uid uuid := auth.uid();
   v_meta jsonb := coalesce(debit_credits.metadata, '{}'::jsonb);
   v_price integer;
+  v_roles text[] := array['admin', 'member', 'service'];
+  v_result jsonb;
   c private.org_context;
 begin
   perform private.check_credit_args(debit_credits.amount, debit_credits.reason, debit_credits.idempotency_key,
                                     v_meta, 1000000);
+  v_result := private.spend_fast(v_uid, debit_credits.org, debit_credits.amount, debit_credits.reason,
+                                 debit_credits.idempotency_key, v_meta, v_roles);
+  if v_result is not null then
+    return v_result;
+  end if;
   if v_uid is null and not exists (select 1 from private.service_key()) then
     perform private.err(403, 'no_actor', 'Spending needs a signed-in user or an active org service key.');
   end if;
@@ -29,13 +118,13 @@ begin
       format('%s costs %s credit(s); %s is below that.', debit_credits.reason, v_price, debit_credits.amount),
       jsonb_build_object('field', 'amount', 'price', v_price));
   end if;
-  c := private.context(debit_credits.org, array['admin', 'member', 'service'], 'cannot_spend', 'spend its credits');
+  c := private.context(debit_credits.org, v_roles, 'cannot_spend', 'spend its credits');
   if c.org_id is null and v_uid is null then
     perform private.err(403, 'org_required', 'A service key spends its org''s credits only.');
   end if;
   return private.apply_credit_change(coalesce(c.org_id, v_uid), -debit_credits.amount, debit_credits.reason,
     debit_credits.idempotency_key, false, v_meta,
-    p_spend_roles => case when c.org_id is not null then array['admin', 'member', 'service'] end);
+    p_spend_roles => case when c.org_id is not null then v_roles end);
 end $$;
 comment on function public.debit_credits(bigint, text, text, text, jsonb) is
   'Spend credits for an action (reason) at no less than its price (credit_prices): from the org context (org, '
