@@ -22,8 +22,9 @@ function localInputToIso(value) {
 export async function audit(body, ctx) {
   const { org, role } = ctx;
   if (!canReadAudit(role)) {
-    body.append(h('p', { class: 'notice' },
-      `Your role in ${org.name} (${role}) cannot read its audit log; its admins and viewers can.`));
+    body.append(h('p', { class: 'notice' }, role === 'service'
+      ? `A service key cannot read ${org.name}'s audit log; its admins and viewers can.`
+      : `Your role in ${org.name} (${role}) cannot read its audit log; its admins and viewers can.`));
     return;
   }
   const [membersList, keysList] = await Promise.all([
@@ -52,7 +53,7 @@ export async function audit(body, ctx) {
   const resourceId = h('input', { type: 'text', name: 'resource_id', autocomplete: 'off', placeholder: 'any' });
   const filters = h('form', { class: 'filters', 'aria-label': 'Filter the audit log' },
     h('div', { class: 'filter-grid' },
-      field('From', since), field('Until', until),
+      field('From', since, 'Your local time'), field('Until', until, 'Your local time'),
       field('Event type', eventType, 'One type, or several separated by commas'),
       field('Actor', actor), field('Resource type', resourceType), field('Resource id', resourceId)),
     h('datalist', { id: listId }, KNOWN_TYPES.map((t) => h('option', { value: t }))),

@@ -52,7 +52,8 @@ export async function members(body, ctx) {
         try {
           await api(orgPath(org, `/members/${m.user_id}`), { method: 'PATCH', body: { role: roleSelect.value } });
           ctx.toast(`${m.email} is now ${roleSelect.value}.`);
-          ctx.rerender();
+          if (you) window.location.reload();  // your own role changed: read who you are again
+          else ctx.rerender();
         } catch (err) {
           roleSelect.value = m.role;
           status.append(errorBox(err));
@@ -70,7 +71,8 @@ export async function members(body, ctx) {
           const result = await api(orgPath(org, `/members/${m.user_id}`), { method: 'DELETE' });
           const revoked = (result && result.revoked_api_keys ? result.revoked_api_keys.length : 0);
           ctx.toast(`${m.email} was removed${revoked ? `; ${revoked} service key(s) they created were revoked` : ''}.`);
-          ctx.rerender();
+          if (you) window.location.reload();  // you left the org
+          else ctx.rerender();
         } catch (err) {
           status.append(errorBox(err));
         }
