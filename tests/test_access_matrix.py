@@ -185,6 +185,7 @@ RPCS = {
     "audit_scope": ("select public.audit_scope('acme')", {"viewer", "admin"}),
     "verify_audit_log": ("select public.verify_audit_log('acme')", {"viewer", "admin"}),
     "list_credit_transactions": ("select public.list_credit_transactions('acme')", {"member", "viewer", "admin"}),
+    "org_usage": ("select public.org_usage('acme')", {"member", "viewer", "admin"}),
     "audit_head": ("select public.audit_head('acme')", {"viewer", "admin"}),
     "verify_audit_checkpoint": ("select public.verify_audit_checkpoint(0, repeat('0', 64), 'acme')", {"viewer", "admin"}),
     "record_audit_export": ("select public.record_audit_export('acme')", {"viewer", "admin"}),

@@ -112,6 +112,7 @@ def walk(call: Walker, world: Any) -> list[Answer]:
     call("GET", "/billing/status", member_key)
     call("GET", "/api/credits/transactions?org_id=acme&limit=2", adm)
     call("GET", "/api/credits/transactions", mem)
+    call("GET", "/api/orgs/acme/usage?group_by=day,actor", adm)
     # audit
     call("POST", "/audit-events", ci_key, json_body=UPGRADE, expect=201)
     call("POST", "/audit-events", member_key, json_body={"events": [UPGRADE, {**UPGRADE, "timestamp": None}]},

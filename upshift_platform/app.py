@@ -14,6 +14,7 @@ from typing import Any
 import flask
 from werkzeug.exceptions import HTTPException
 
+from . import console_routes
 from .auth import Authenticator
 from .db import Database
 from .errors import ApiError
@@ -78,6 +79,8 @@ class Platform:
         return "orgs"
 
     def handle(self, function: str, request: flask.Request) -> flask.Response:
+        if function == "orgs" and (page := console_routes.answer(request.method, request.path, self.settings)):
+            return flask.Response(page.body, status=page.status, headers=page.headers)  # the web console
         if self._prices_pending:
             try:
                 self.apply_prices()

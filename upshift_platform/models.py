@@ -173,6 +173,17 @@ class TransactionsQuery(Strict):
     cursor: str | None = Field(default=None, max_length=200)
 
 
+class UsageQuery(Strict):
+    """``GET /api/orgs/{org}/usage``: ``from`` and ``to`` bound the range (``[from, to)``), ``group_by`` names the
+    groups. The range rules (from before to, at most 366 days) and the group names are the database's."""
+
+    since: datetime | None = Field(default=None, alias="from",
+                                   description="Start of the range, inclusive (default: 30 days before to)")
+    until: datetime | None = Field(default=None, alias="to", description="End of the range, exclusive (default: now)")
+    group_by: str = described("day,actor", description="Comma-separated: day (UTC), actor; empty: one total",
+                              pattern=r"^(day|actor)?(,(day|actor))*$")
+
+
 # --- audit -----------------------------------------------------------------------------------
 
 

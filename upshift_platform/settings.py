@@ -100,6 +100,7 @@ class Settings:
     database_url: str
     jwt_secret: str | None = None
     supabase_url: str | None = None
+    supabase_anon_key: str | None = None  # public by design: the console's Supabase Auth sign-in uses it
     jwks_url: str | None = None
     pool_min: int = 1
     pool_max: int = 10
@@ -137,6 +138,7 @@ class Settings:
             database_url=url,
             jwt_secret=secret,
             supabase_url=supabase_url,
+            supabase_anon_key=env.get("SUPABASE_ANON_KEY") or None,
             jwks_url=jwks,
             pool_min=_int(env, "UPSHIFT_DB_POOL_MIN", 1),
             pool_max=_int(env, "UPSHIFT_DB_POOL_MAX", 10),

@@ -18,6 +18,7 @@ from ..models import (
     SetDefaultOrg,
     SetRole,
     UpdateOrg,
+    UsageQuery,
 )
 from ..routing import Router
 from ..session import Session
@@ -46,6 +47,13 @@ def get_org(org: str, db: Session) -> object:
               summary="Rename an org or change its slug (admin)", errors=(*ORG_ERRORS, 409))
 def update_org(org: str, body: UpdateOrg, db: Session) -> object:
     return db.call("update_org", org=org, name=body.name, slug=body.slug)
+
+
+@router.route("GET", "/api/orgs/{org}/usage",
+              summary="Credits spent per day and per actor (admins and viewers: everyone's; members: their own)",
+              errors=ORG_ERRORS)
+def org_usage(org: str, query: UsageQuery, db: Session) -> object:
+    return db.call("org_usage", org=org, since=query.since, until=query.until, group_by=query.group_by)
 
 
 @router.route("GET", "/api/orgs/{org}/members", summary="Members of an org", errors=ORG_ERRORS)
