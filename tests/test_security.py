@@ -254,6 +254,49 @@ def test_a_member_removed_during_a_spend_cannot_spend_after(db_url, conn, world,
         "credit_balance"] == 50
 
 
+@pytest.mark.parametrize(("change", "sliced"), [
+    pytest.param("delete from public.org_members where user_id = %(m)s", False, id="row_deleted"),
+    pytest.param("update public.org_members set role = 'viewer' where user_id = %(m)s", False, id="row_demoted"),
+    pytest.param("delete from auth.users where id = %(m)s", False, id="user_deleted"),
+    pytest.param("delete from public.org_members where user_id = %(m)s", True, id="row_deleted_sliced"),
+])
+def test_a_membership_changed_outside_our_rpcs_during_a_spend_still_wins(db_url, conn, world, change, sliced):
+    """The dashboard (or a cascade from auth.users) changes membership rows without our RPCs' locks: a spend that read
+    the old rights while the change was in flight must not complete with them."""
+    admin, member = world.user(), world.user()
+    org = world.org("acme", balance=50, admin=admin)
+    world.member(org, member)
+    if sliced:
+        conn.execute("select public.admin_set_slices('acme', 4)")
+    owner = psycopg.connect(db_url, row_factory=dict_row)
+    spender = _session(db_url, member)
+    outcome: dict[str, Any] = {}
+
+    def spend():
+        try:
+            outcome["result"] = spender.execute("select public.debit_credits(1, 'explain', 'acme') as r").fetchone()
+            spender.commit()
+        except psycopg.Error as exc:
+            spender.rollback()
+            outcome["error"] = exc
+
+    try:
+        owner.execute(change, {"m": member})
+        if sliced:  # a slice is not the row the change bumps: hold the slices as a removal through our RPCs would
+            owner.execute("select 1 from public.credit_slices where account_id = %s for update", (org,))
+        thread = threading.Thread(target=spend)
+        thread.start()
+        assert _blocked(conn, spender.info.backend_pid), "the spend should wait for the change"
+        owner.commit()
+        thread.join(10)
+    finally:
+        owner.close()
+        spender.close()
+    assert "error" in outcome, f"spent with rights taken away: {outcome.get('result')}"
+    assert outcome["error"].diag.sqlstate == "PT403"
+    assert conn.execute("select private.account_balance(%s) as b", (org,)).fetchone()["b"] == 50
+
+
 def test_a_revoked_service_key_cannot_finish_a_spend(db_url, conn, world):
     admin = world.user()
     org = world.org("acme", balance=50, admin=admin)

@@ -179,8 +179,23 @@ begin
   elsif not pg_try_advisory_xact_lock(hashtextextended('audit:' || p_scope_id::text, 0)) then
     return 0;
   end if;
-  with moved as (delete from private.audit_outbox o where (o.event).scope_id = p_scope_id returning o.event)
-  select array_agg(m.event order by (m.event).created_at, (m.event).id) into v_events from moved m;
+  -- A spend's credit_debit event is written before its balance is taken: its balance_after is its ledger row's.
+  -- (Until that row exists, which only the spend's own transaction can see happen, the event waits.)
+  with moved as (
+    delete from private.audit_outbox o
+    where (o.event).scope_id = p_scope_id
+      and case when (o.event).event_type = 'credit_debit' and not (o.event).metadata ? 'balance_after'
+               then exists (select 1 from public.credit_transactions t where t.id = (o.event).resource_id::uuid)
+               else true end
+    returning o.event)
+  select array_agg(case when t.id is null then m.event else jsonb_populate_record(m.event, jsonb_build_object(
+                     'metadata', (m.event).metadata || jsonb_build_object('balance_after', t.balance_after))) end
+                   order by (m.event).created_at, (m.event).id)
+  into v_events
+  from moved m
+  left join public.credit_transactions t
+    on (m.event).event_type = 'credit_debit' and not (m.event).metadata ? 'balance_after'
+   and t.id = case when (m.event).event_type = 'credit_debit' then (m.event).resource_id::uuid end;
   if v_events is null then
     return 0;
   end if;

@@ -20,6 +20,7 @@ create table public.credit_accounts (
   org_id uuid references public.orgs (id) on delete restrict,
   balance bigint not null default 0,
   slices integer not null default 1,
+  access_version bigint not null default 0,
   stripe_customer_id text,
   created_at timestamptz not null default now(),
   constraint credit_accounts_balance_nonnegative check (balance >= 0),
@@ -34,12 +35,34 @@ comment on table public.credit_accounts is
   'Changed only by private.apply_credit_change; never negative.';
 comment on column public.credit_accounts.slices is
   'How many rows the balance is spread over (1: this row''s balance; more: credit_slices, for a hot pool).';
+comment on column public.credit_accounts.access_version is
+  'Bumped whenever someone''s right to spend from the pool shrinks (a member removed or demoted, a service key '
+  'revoked, expired early or deleted): a spend that read the rights at version v updates the balance only while it '
+  'is still v, so it needs no second look at them once the row is locked.';
 comment on column public.credit_accounts.stripe_customer_id is 'The Stripe customer that pays for this account.';
 alter table public.credit_accounts enable row level security;
 revoke all on table public.credit_accounts from anon, authenticated, service_role;
 grant select on table public.credit_accounts to authenticated, service_role;
 create policy credit_accounts_select on public.credit_accounts for select to authenticated
   using (id = (select auth.uid()) or id in (select private.user_org_ids()));
+
+create function private.bump_access_version() returns trigger
+language plpgsql volatile security definer set search_path = '' as $$
+begin
+  -- Any change that can take a right to spend away, by whatever path (our RPCs, a cascade from auth.users, the
+  -- dashboard): spends that read the old rights then miss the balance row and re-check on the full path.
+  -- (api_keys: service keys only, by the trigger's when clause)
+  update public.credit_accounts a set access_version = a.access_version + 1 where a.id = old.org_id;
+  return null;
+end $$;
+comment on function private.bump_access_version() is
+  'Trigger: a member removed or their role changed, or a service key changed or deleted, bumps their org pool''s '
+  'access_version.';
+revoke all on function private.bump_access_version() from public, anon, authenticated, service_role;
+create trigger org_members_bump_access_version after update of role or delete on public.org_members
+  for each row execute function private.bump_access_version();
+create trigger api_keys_bump_access_version after update of revoked_at, expires_at, org_id, kind or delete
+  on public.api_keys for each row when (old.kind = 'service') execute function private.bump_access_version();
 
 create table public.credit_slices (
   account_id uuid not null references public.credit_accounts (id) on delete restrict,
@@ -286,35 +309,47 @@ comment on function private.spend_from_slices(uuid, bigint, integer) is
   'was contention); returns the pool''s balance after, or null when the whole pool cannot pay.';
 revoke all on function private.spend_from_slices(uuid, bigint, integer) from public, anon, authenticated, service_role;
 
+create function private.write_spend_event(p_account uuid, p_org boolean, p_tx uuid, p_amount bigint, p_reason text,
+                                          p_key text) returns bigint
+language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_id bigint;
+begin
+  -- Written before the balance is taken (and rolled back with the spend if it is refused), so that the only work
+  -- done while a hot balance row is held is the ledger row. Its balance_after comes from that ledger row when the
+  -- sealer moves the event into the chain (private.seal_audit_scope), which every reader of the log waits for.
+  insert into private.audit_outbox (event)
+  values (private.audit_row(p_account, case when p_org then p_account end, 'credit_debit', 'credit_transaction',
+            p_tx::text, jsonb_build_object('amount', p_amount, 'reason', p_reason,
+                                           'source', case when p_org then 'org' else 'user' end,
+                                           'idempotency_key', p_key), null))
+  returning id into v_id;
+  return v_id;
+end $$;
+comment on function private.write_spend_event(uuid, boolean, uuid, bigint, text, text) is
+  'A spend''s credit_debit event, into the outbox before its balance is taken (balance_after is added at sealing); '
+  'returns its outbox id.';
+revoke all on function private.write_spend_event(uuid, boolean, uuid, bigint, text, text)
+  from public, anon, authenticated, service_role;
+
 create function private.record_spend(p_tx uuid, p_account uuid, p_uid uuid, p_key_id uuid, p_amount bigint,
-                                     p_balance bigint, p_reason text, p_key text, p_metadata jsonb,
-                                     p_event public.audit_logs, p_slug text)
+                                     p_balance bigint, p_reason text, p_key text, p_metadata jsonb, p_slug text)
 returns jsonb
 language plpgsql volatile security definer set search_path = '' as $$
 declare
-  v_result jsonb;
+  v_tx public.credit_transactions;
 begin
-  -- The spend's ledger row and its audit event (into the outbox: sealed into the chain right after commit, so that
-  -- spends do not queue on the org's chain as well as on its balance), in one statement, while the balance is held.
-  with t as (
-    insert into public.credit_transactions
-      (id, account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, metadata)
-    values (p_tx, p_account, p_uid, p_key_id, -p_amount, p_balance, p_reason, p_key, p_metadata)
-    returning *),
-  e as (
-    insert into private.audit_outbox (event)
-    select jsonb_populate_record(p_event, jsonb_build_object('metadata', p_event.metadata || jsonb_build_object(
-      'amount', p_amount, 'reason', p_reason, 'source', case when p_slug is null then 'user' else 'org' end,
-      'balance_after', t.balance_after, 'idempotency_key', p_key)))
-    from t)
-  select private.tx_json(t::public.credit_transactions, false, p_slug) into v_result from t;
-  return v_result;
+  -- The spend's ledger row, once its balance is taken (its event is already written: write_spend_event).
+  insert into public.credit_transactions
+    (id, account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, metadata)
+  values (p_tx, p_account, p_uid, p_key_id, -p_amount, p_balance, p_reason, p_key, p_metadata)
+  returning * into v_tx;
+  return private.tx_json(v_tx, false, p_slug);
 end $$;
-comment on function private.record_spend(uuid, uuid, uuid, uuid, bigint, bigint, text, text, jsonb, public.audit_logs,
-                                         text) is
-  'A spend''s ledger row and credit_debit event (p_event, built before the lock), once its balance is taken; its answer.';
-revoke all on function private.record_spend(uuid, uuid, uuid, uuid, bigint, bigint, text, text, jsonb, public.audit_logs,
-                                            text) from public, anon, authenticated, service_role;
+comment on function private.record_spend(uuid, uuid, uuid, uuid, bigint, bigint, text, text, jsonb, text) is
+  'A client spend''s ledger row, once its balance is taken; its answer.';
+revoke all on function private.record_spend(uuid, uuid, uuid, uuid, bigint, bigint, text, text, jsonb, text)
+  from public, anon, authenticated, service_role;
 
 create function private.lock_idempotency_key(p_account uuid, p_system boolean, p_key text) returns void
 language plpgsql volatile set search_path = '' as $$
@@ -342,7 +377,7 @@ declare
   v_role text;
   v_prev public.credit_transactions;
   v_tx public.credit_transactions;
-  v_event public.audit_logs;
+  v_spend boolean;
 begin
   if v_uid is null then
     v_key_id := (select s.key_id from private.service_key() s);
@@ -379,10 +414,10 @@ begin
     end if;
   end if;
   v_tx.id := gen_random_uuid();
-  if p_audit and p_amount < 0 and not p_system and not p_partial then
-    -- A client's spend: its event (actor, address, user agent, time) is built before the lock, too.
-    v_event := private.audit_row(p_account, case when v_org then p_account end, 'credit_debit', 'credit_transaction',
-                                 v_tx.id::text, null, null);
+  v_spend := p_audit and p_amount < 0 and not p_system and not p_partial;
+  if v_spend then
+    -- A client's spend: its event (actor, address, user agent, time) is written before the lock, too.
+    perform private.write_spend_event(p_account, v_org, v_tx.id, -p_amount, p_reason, p_key);
   end if;
 
   -- 2. The balance, with conditional UPDATEs: never below zero.
@@ -432,9 +467,9 @@ begin
   end if;
 
   -- 4. The ledger row and the audit event, in the same transaction.
-  if v_event.id is not null then
-    return private.record_spend(v_tx.id, p_account, v_uid, v_key_id, p_amount * -1, v_balance, p_reason, p_key,
-                                p_metadata, v_event, v_slug);
+  if v_spend then
+    return private.record_spend(v_tx.id, p_account, v_uid, v_key_id, -p_amount, v_balance, p_reason, p_key,
+                                p_metadata, v_slug);
   end if;
   insert into public.credit_transactions
     (id, account_id, actor_user_id, service_key_id, amount, balance_after, reason, idempotency_key, system_key, metadata)

@@ -14,16 +14,18 @@ declare
   v_org uuid;
   v_slug text;
   v_slices integer;
+  v_version bigint;
   v_price integer;
   v_role text;
   v_tx uuid := gen_random_uuid();
-  v_event public.audit_logs;
+  v_event bigint;
   v_balance bigint;
 begin
   -- A member (or the org's service key) spending from an org's pool that can pay, with a new idempotency key or
-  -- none: what the CLI does all day. Everything else returns null, and debit_credits takes the full path
-  -- (apply_credit_change), which also gives every refusal its error. Nothing is written unless this answers.
-  -- 1. Before any lock: the org (explicit, the API key's, the default), the price, the pool's shape, the role.
+  -- none: what the CLI does all day. Everything else returns null, having written nothing, and debit_credits
+  -- takes the full path (apply_credit_change), which also gives every refusal its error.
+  -- 1. Before any lock: the org (explicit, the API key's, the default), the price, the pool, the caller's role
+  -- and the version of the pool's rights it was read at; the audit event.
   if p_uid is null then
     v_key_id := nullif(v_claims -> 'upshift' ->> 'key_id', '')::uuid;
   end if;
@@ -36,8 +38,8 @@ begin
     v_org := coalesce(nullif(v_claims -> 'upshift' ->> 'org_id', '')::uuid,
                       (select p.default_org_id from public.profiles p where p.id = p_uid));
   end if;
-  select o.slug, a.slices, pr.credits, coalesce(m.role, case when k.id is not null then 'service' end)
-  into v_slug, v_slices, v_price, v_role
+  select o.slug, a.slices, a.access_version, pr.credits, coalesce(m.role, case when k.id is not null then 'service' end)
+  into v_slug, v_slices, v_version, v_price, v_role
   from public.orgs o
   join public.credit_accounts a on a.id = o.id
   left join public.credit_prices pr on pr.action = p_reason
@@ -54,33 +56,37 @@ begin
       return null;  -- a replay (or a conflict): the full path answers it
     end if;
   end if;
-  v_event := private.audit_row(v_org, v_org, 'credit_debit', 'credit_transaction', v_tx::text, null, null);
+  v_event := private.write_spend_event(v_org, true, v_tx, p_amount, p_reason, p_key);
 
-  -- 2. The balance (its one row, or a free slice that can pay), then the ledger row and the audit event.
+  -- 2. The balance: its one row while the rights are still those read above (a removal, demotion or key
+  -- revocation bumps access_version, and takes this row's lock to do it: whichever of the two comes second sees
+  -- the other), or a free slice that can pay.
   if v_slices = 1 then
     update public.credit_accounts a set balance = a.balance - p_amount
-    where a.id = v_org and a.slices = 1 and a.balance >= p_amount
+    where a.id = v_org and a.slices = 1 and a.access_version = v_version and a.balance >= p_amount
     returning a.balance into v_balance;
   else
     v_balance := private.take_slice(v_org, p_amount, hashtext(coalesce(p_uid, v_key_id)::text) & 65535);
+    -- A slice is not the row a removal bumps: re-read the caller's right now that the slice is held (a new
+    -- snapshot). Removals lock every slice first, so one of the two still sees the other.
+    if v_balance is not null and not coalesce(private.actor_role(v_org) = any (p_roles), false) then
+      perform private.err(403, 'cannot_spend',
+        'Your right to spend this org''s credits was withdrawn while the request was in flight.',
+        jsonb_build_object('org_id', v_org, 'role', private.actor_role(v_org)));
+    end if;
   end if;
   if v_balance is null then
-    return null;  -- short (or every slice busy or short): the full path pays from the whole pool, or refuses
+    -- Short, its rights changed meanwhile, or every slice busy or short: the full path decides, from scratch.
+    delete from private.audit_outbox o where o.id = v_event;
+    return null;
   end if;
-  -- 3. The caller's right, re-read now that its row is locked (a new snapshot): membership changes and key
-  -- revocations lock the whole pool first, so one of a spend and a concurrent removal sees the other.
-  if not coalesce(private.actor_role(v_org) = any (p_roles), false) then
-    perform private.err(403, 'cannot_spend',
-      'Your right to spend this org''s credits was withdrawn while the request was in flight.',
-      jsonb_build_object('org_id', v_org, 'role', private.actor_role(v_org)));
-  end if;
-  -- 4. The ledger row and the audit event.
-  return private.record_spend(v_tx, v_org, p_uid, v_key_id, p_amount, v_balance, p_reason, p_key, p_metadata, v_event,
-                              v_slug);
+
+  -- 3. The ledger row: the only write while a one-row pool is held.
+  return private.record_spend(v_tx, v_org, p_uid, v_key_id, p_amount, v_balance, p_reason, p_key, p_metadata, v_slug);
 end $$;
 comment on function private.spend_fast(uuid, text, bigint, text, text, jsonb, text[]) is
-  'debit_credits'' common case (a member or service key, an org pool that can pay, no replay) in few statements; '
-  'null when the full path (apply_credit_change) must answer. Writes what apply_credit_change writes (record_spend).';
+  'debit_credits'' common case (a member or service key, an org pool that can pay, no replay): one conditional '
+  'UPDATE and one ledger row under the lock; null, having written nothing, when the full path must answer.';
 revoke all on function private.spend_fast(uuid, text, bigint, text, text, jsonb, text[])
   from public, anon, authenticated, service_role;
 
