@@ -181,7 +181,8 @@ def test_commands_never_create_a_cluster_for_a_mistyped_data_dir(argv):
     base = private_dir()
     typo = base / "postgress"
     try:
-        done = run([*argv, "--data-dir", str(typo)], {"DATABASE_URL": ""}, check=False)
+        done = run([*argv, "--data-dir", str(typo)], {"DATABASE_URL": "", "SUPABASE_JWT_SECRET": "x" * 40},
+                   check=False)
         assert done.returncode == 1, done.stderr
         assert done.stderr.strip().splitlines()[-1] == (
             f"upshift-platform: no database cluster in {typo} (mistyped --data-dir or UPSHIFT_DATA_DIR? "
@@ -236,20 +237,21 @@ def crashable():
         yield data_dir, url, env
     finally:
         srv = embedded.server(data_dir)
-        for pid in srv.leftover_processes():
-            os.kill(pid, signal.SIGKILL)
-        srv.destroy()
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            srv.stop()
+        finally:
+            if srv.running_port() is None:  # only a dead server's processes are left over
+                for pid in srv.leftover_processes():
+                    os.kill(pid, signal.SIGKILL)
+            srv.destroy()
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def _kill_postmaster_while_busy(data_dir: Path, url: str, busy_s: float) -> tuple[int, threading.Thread]:
     """A backend spins in a query (it outlives its postmaster until the query ends); then SIGKILL the postmaster."""
-    ready = threading.Event()
-
     def spin() -> None:
         try:
-            with psycopg.connect(url, autocommit=True) as c:
-                ready.set()
+            with psycopg.connect(url, autocommit=True, application_name="spin") as c:
                 c.execute("do $$ declare t timestamptz := clock_timestamp(); begin"
                           f" while clock_timestamp() < t + interval '{busy_s} s' loop end loop; end $$")
         except psycopg.Error:
@@ -257,8 +259,12 @@ def _kill_postmaster_while_busy(data_dir: Path, url: str, busy_s: float) -> tupl
 
     thread = threading.Thread(target=spin, daemon=True)
     thread.start()
-    assert ready.wait(30)
-    time.sleep(0.5)
+    with psycopg.connect(url, autocommit=True) as c:  # until the query runs (an idle backend exits at once)
+        deadline = time.monotonic() + 30
+        while not c.execute("select 1 from pg_stat_activity where application_name = 'spin' and state = 'active'"
+                            " and query like 'do %'").fetchone():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     from upshift_platform import embedded
 
     srv = embedded.server(data_dir)

@@ -432,12 +432,23 @@ def server(data_dir: Path | None = None, port: int | None = None) -> Server:
     if user is not None:
         bins = _copy_binaries_for(user, bins)
     wanted = Path(data_dir or default_data_dir()).resolve()
+    effective = _effective_data_dir(user, wanted)
     return Server(
-        data_dir=_effective_data_dir(user, wanted),
-        port=port or int(os.environ.get("UPSHIFT_PG_PORT", DEFAULT_PORT)),
+        data_dir=effective,
+        port=port or int(os.environ.get("UPSHIFT_PG_PORT") or 0) or _last_port(effective) or DEFAULT_PORT,
         binaries=bins,
         user=user,
     )
+
+
+def _last_port(data_dir: Path) -> int | None:
+    """The port this cluster was last started on (``postmaster.opts``, which PostgreSQL writes at each start),
+    so that a restart after ``db down`` or a crash keeps the URL that was printed before."""
+    try:
+        found = re.search(r'"-p" "(\d+)"', (data_dir / "postmaster.opts").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
 
 
 def up(data_dir: Path | None = None, port: int | None = None, *, fast: bool = False) -> Server:
