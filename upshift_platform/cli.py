@@ -371,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = ((exc.diag.message_primary if exc.diag else None) or str(exc) or type(exc).__name__).splitlines()[0]
         state = exc.diag.sqlstate if exc.diag else None
         prefix = "" if state and (state.startswith("PT") or state == "P0001") else "database error: "
+        if isinstance(exc, psycopg.OperationalError) and "connection refused" in str(exc).lower():
+            msg = (f"{msg} (no server is listening there"
+                   + ("; for the embedded one, `upshift-platform db up` starts it, recovering it after a crash)"
+                      if is_local(os.environ.get("DATABASE_URL") or "") else ")"))
         print(f"upshift-platform: {prefix}{msg}", file=sys.stderr)
         return 1
     except BrokenPipeError:
