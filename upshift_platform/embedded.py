@@ -191,6 +191,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _postmaster_alive(pid: int) -> bool:
+    """Is ``pid`` a live PostgreSQL process? After a reboot a stale lock file's pid may be another program's."""
+    if not _alive(pid):
+        return False
+    try:
+        return (PROC / str(pid) / "comm").read_text().strip().startswith("postgres")
+    except FileNotFoundError:
+        return not PROC.is_dir()
+    except OSError:
+        return True
+
+
 def _shm_attached(key: int, shmid: int) -> int | None:
     """How many processes still attach PostgreSQL's System V segment (``/proc/sysvipc/shm``), if known."""
     try:
@@ -243,7 +255,7 @@ class Server:
     def running_port(self) -> int | None:
         """The port of the live server in this data directory, or None (none, or only a stale lock file)."""
         pid = self._postmaster_pid()
-        if pid is None or not _alive(pid):
+        if pid is None or not _postmaster_alive(pid):
             return None
         if not PROC.is_dir():
             status = self._run([self.binaries.tool("pg_ctl"), "status", "-D", str(self.data_dir)])
@@ -255,7 +267,7 @@ class Server:
     def stale_pid(self) -> int | None:
         """The postmaster pid of a lock file left by a server that is gone (killed, crashed), if any."""
         pid = self._postmaster_pid()
-        return pid if pid is not None and not _alive(pid) else None
+        return pid if pid is not None and not _postmaster_alive(pid) else None
 
     def leftover_processes(self) -> list[int]:
         """Live PostgreSQL processes working in this data directory (a dead postmaster's children)."""

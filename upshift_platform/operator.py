@@ -248,7 +248,11 @@ def audit_tail(args: argparse.Namespace) -> None:
         rows = cur.execute(f"{AUDIT_SELECT} where l.scope_id = %s order by l.seq desc limit %s",
                            (scope, args.n)).fetchall()[::-1]
     columns = ("seq", "created_at", "event_type", "actor_kind", "resource_type", "resource_id")
-    _emit(args, rows, rows, columns)
+    if args.follow and args.json:  # a stream: one JSON object per line (NDJSON), the first rows included
+        for row in rows:
+            print(dumps(row), flush=True)
+    else:
+        _emit(args, rows, rows, columns)
     last = rows[-1]["seq"] if rows else 0
     while args.follow:
         time.sleep(2)
@@ -452,7 +456,8 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
     p = cmd(g, "tail", audit_tail, "the latest events of an org or a user")
     _account_args(p)
     p.add_argument("-n", type=int, default=20)
-    p.add_argument("--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--follow", action="store_true", help="keep printing new events (with --json: one JSON object "
+                   "per line)")
     p = cmd(g, "export", audit_export, "export every event (streamed)")
     _account_args(p)
     p.add_argument("--format", choices=["ndjson", "csv"], default="ndjson")
