@@ -155,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("DATABASE_URL", database_url(args))
     if check_settings().audit_signing_key is None:
         info("UPSHIFT_AUDIT_SIGNING_KEY not set: audit checkpoints answer 503 signing_not_configured")
-    serve(args.host, args.port, workers=args.workers)
+    serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     info("loading the demo data (idempotent)")
     data = demo_data(url, endpoint)
     print(paste_block(data), flush=True)
-    serve(args.host, args.port, workers=args.workers)
+    serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
-        p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="gunicorn worker processes (default: one per core this process may use)")
+        p.add_argument("--threads", type=int, default=8, help="request threads per worker (default 8)")
         p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
         p.add_argument("--db-port", type=int, help="embedded database port")
 
