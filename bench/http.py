@@ -205,7 +205,7 @@ def wrk(port: int, token: str, clients: int, seconds: float, server_pids: list[i
     script = peers_dir() / "consume.lua"
     before = (cpu_seconds(server_pids), cpu_seconds(pg_pids))
     t0 = time.monotonic()
-    out = subprocess.run([exe, "-t2", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s", str(script),
+    out = subprocess.run([exe, "-t2", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
                           f"http://127.0.0.1:{port}/credits/consume"], env={**os.environ, "TOKEN": token},
                          capture_output=True, text=True, check=True)
     elapsed = time.monotonic() - t0
@@ -314,7 +314,7 @@ def resource(url: str, args: argparse.Namespace) -> dict[str, Any]:
         end = started + args.minutes * 60
         samples.append((0.0, rss_mb(tree(ours.pid)), 0.0))
         while time.monotonic() < end:
-            seg = min(args.sample, max(1.0, end - time.monotonic()))
+            seg = float(max(1, round(min(args.sample, end - time.monotonic()))))
             res = wrk(port, key, 32, seg, pids, pg)
             samples.append(((time.monotonic() - started) / 60, rss_mb(tree(ours.pid)), res["rps"]))
             progress(f"{samples[-1][0]:5.1f} min: {samples[-1][1]:.1f} MB, {res['rps']:.0f} req/s")
