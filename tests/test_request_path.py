@@ -199,3 +199,14 @@ def test_a_dead_database_is_a_fast_503_with_retry_after_on_every_database_path()
         assert live.status_code == 200 and live.get_json() == {"status": "ok"}
     finally:
         plat.close()
+
+
+def test_serve_runs_one_worker_per_core_unless_told():
+    import os
+
+    from upshift_platform.cli import build_parser
+    from upshift_platform.server import default_workers
+
+    assert default_workers() == len(os.sched_getaffinity(0))
+    args = build_parser().parse_args(["serve"])
+    assert args.workers is None and args.threads == 8  # None: serve() takes default_workers()
