@@ -202,7 +202,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import serve
+    from .server import default_workers, serve
 
     check_port_free(args.host, args.port)
     if not os.environ.get("SUPABASE_JWT_SECRET") and not os.environ.get("SUPABASE_URL"):
@@ -212,8 +212,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if check_settings().audit_signing_key is None:
         info("UPSHIFT_AUDIT_SIGNING_KEY not set: audit checkpoints answer 503 signing_not_configured")
     if args.json:
-        print(json.dumps({"endpoint": f"http://{args.host}:{args.port}", "workers": args.workers}), flush=True)
-    serve(args.host, args.port, workers=args.workers)
+        print(json.dumps({"endpoint": f"http://{args.host}:{args.port}", "workers": args.workers or default_workers(),
+                          "threads": args.threads}), flush=True)
+    serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -233,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(json.dumps(data), flush=True)  # one line: the demo's endpoint, org, users and keys
     else:
         print(paste_block(data), flush=True)
-    serve(args.host, args.port, workers=args.workers)
+    serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -332,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
-        p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="gunicorn worker processes (default: one per core this process may use)")
+        p.add_argument("--threads", type=int, default=8, help="request threads per worker (default 8)")
         p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
         p.add_argument("--db-port", type=int, help="embedded database port")
 
