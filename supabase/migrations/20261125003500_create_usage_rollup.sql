@@ -54,8 +54,7 @@ create table private.usage_hours (
   spent bigint not null,
   spends bigint not null,
   constraint usage_hours_key unique nulls not distinct (account_id, hour, actor_user_id, service_key_id),
-  constraint usage_hours_whole_hour check (hour = date_trunc('hour', hour, 'UTC')),
-  constraint usage_hours_not_negative check (spent >= 0 and spends >= 0)
+  constraint usage_hours_whole_hour check (hour = date_trunc('hour', hour, 'UTC'))
 );
 comment on table private.usage_hours is
   'Credits spent from an org''s pool per UTC hour and actor (user, service key, or neither: the system), over the '
@@ -70,8 +69,7 @@ create table private.usage_days (
   spent bigint not null,
   spends bigint not null,
   constraint usage_days_key unique nulls not distinct (account_id, day, actor_user_id, service_key_id),
-  constraint usage_days_whole_day check (day = date_trunc('day', day, 'UTC')),
-  constraint usage_days_not_negative check (spent >= 0 and spends >= 0)
+  constraint usage_days_whole_day check (day = date_trunc('day', day, 'UTC'))
 );
 comment on table private.usage_days is
   'Credits spent from an org''s pool per UTC day (its midnight) and actor, over the ledger rows before '
@@ -82,9 +80,13 @@ revoke all on table private.usage_days from public, anon, authenticated, service
 
 create function private.usage_add(p_rows jsonb) returns void
 language plpgsql volatile security definer set search_path = '' as $$
+declare
+  v_negative bigint;
 begin
   -- p_rows: [{account_id, hour, actor_user_id, service_key_id, spent, spends}] per hour, signed (a removal is
   -- negative). Adds them to the hour and day buckets; a bucket that reaches zero spends is deleted.
+  -- (No CHECK (spends >= 0) on the tables: INSERT ... ON CONFLICT checks the row it proposes, a removal's negative
+  -- one, before it finds the bucket. The sums after the change are checked here instead.)
   with r as (
     select x.account_id, x.hour, x.actor_user_id, x.service_key_id, sum(x.spent) as spent, sum(x.spends) as spends
     from jsonb_to_recordset(p_rows) as x(account_id uuid, hour timestamptz, actor_user_id uuid, service_key_id uuid,
@@ -95,13 +97,23 @@ begin
     select r.account_id, r.hour, r.actor_user_id, r.service_key_id, r.spent, r.spends from r
     on conflict (account_id, hour, actor_user_id, service_key_id)
       do update set spent = u.spent + excluded.spent, spends = u.spends + excluded.spends
+    returning u.spent, u.spends
+  ), d as (
+    insert into private.usage_days as u (account_id, day, actor_user_id, service_key_id, spent, spends)
+    select r.account_id, date_trunc('day', r.hour, 'UTC'), r.actor_user_id, r.service_key_id, sum(r.spent),
+           sum(r.spends)
+    from r
+    group by 1, 2, 3, 4
+    on conflict (account_id, day, actor_user_id, service_key_id)
+      do update set spent = u.spent + excluded.spent, spends = u.spends + excluded.spends
+    returning u.spent, u.spends
   )
-  insert into private.usage_days as u (account_id, day, actor_user_id, service_key_id, spent, spends)
-  select r.account_id, date_trunc('day', r.hour, 'UTC'), r.actor_user_id, r.service_key_id, sum(r.spent), sum(r.spends)
-  from r
-  group by 1, 2, 3, 4
-  on conflict (account_id, day, actor_user_id, service_key_id)
-    do update set spent = u.spent + excluded.spent, spends = u.spends + excluded.spends;
+  select (select count(*) from h where h.spent < 0 or h.spends < 0) + (select count(*) from d where d.spent < 0 or d.spends < 0)
+  into v_negative;
+  if v_negative > 0 then
+    raise exception 'usage rollup: a bucket went below zero (a removal of a row it never held)'
+      using errcode = 'XX000', hint = 'Rebuild it: private.usage_rebuild().';
+  end if;
   delete from private.usage_hours u where u.spends = 0;
   delete from private.usage_days u where u.spends = 0;
 end $$;
@@ -138,6 +150,21 @@ end $$;
 comment on function private.usage_fold(timestamptz, timestamptz) is
   'Sum the org pools'' spends with created_at in [p_from, p_to) into the rollup; returns how many were folded.';
 revoke all on function private.usage_fold(timestamptz, timestamptz) from public, anon, authenticated, service_role;
+
+create function private.usage_rebuild() returns void
+language plpgsql volatile security definer set search_path = '' as $$
+begin
+  -- Forget the rollup: W back to -infinity, every bucket gone; the next usage_rollup folds the whole ledger again.
+  perform 1 from private.usage_state s for update;
+  delete from private.usage_hours;
+  delete from private.usage_days;
+  delete from private.usage_candidates;
+  update private.usage_state s set closed_through = '-infinity', updated_at = now() where s.id;
+end $$;
+comment on function private.usage_rebuild() is
+  'Empty the usage rollup and move closed_through back to -infinity (the next usage_rollup refolds the ledger). For '
+  'the database owner: after a bulk change to the ledger made with triggers off.';
+revoke all on function private.usage_rebuild() from public, anon, authenticated, service_role;
 
 -- Who is still running ------------------------------------------------------------------------------
 
