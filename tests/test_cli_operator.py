@@ -214,3 +214,13 @@ def test_prices_live_in_the_database(run_cli, world, as_role):
         cur.execute("select public.debit_credits(3, 'fix')")
     assert json.loads(exc.value.diag.message_detail) == {"error": "unknown_action", "field": "reason",
                                                           "known_actions": ["explain"]}
+
+
+def test_usage_rollup(run_cli, conn):
+    """`usage rollup` runs the job once: nothing to fold in a new database, W moves to a few seconds ago."""
+    result = js(run_cli, "usage", "rollup")
+    assert result["skipped"] is False and result["folded"] == 0
+    assert conn.execute("select closed_through > now() - interval '1 minute' as ok from private.usage_state"
+                        ).fetchone()["ok"]
+    code, _, err = run_cli("usage", "rollup", "--every", "0", ok=False)
+    assert code == 1 and "--every" in err

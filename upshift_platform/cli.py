@@ -146,6 +146,18 @@ def check_settings() -> Settings:
         raise CliError(str(exc)) from None
 
 
+def start_usage_rollup(url: str, every: float) -> None:
+    """The usage rollup job in a background thread of this (the gunicorn master) process; 0 turns it off."""
+    from .usage_job import start_background
+
+    if every > 0:
+        start_background(url, every)
+        info(f"usage rollup every {every:g} s (--usage-rollup-every)")
+    else:
+        info("usage rollup off: GET /api/orgs/{org}/usage reads the whole range from the ledger "
+             "(run `upshift-platform usage rollup --every 5`)")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
@@ -155,6 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("DATABASE_URL", database_url(args))
     if check_settings().audit_signing_key is None:
         info("UPSHIFT_AUDIT_SIGNING_KEY not set: audit checkpoints answer 503 signing_not_configured")
+    start_usage_rollup(os.environ["DATABASE_URL"], args.usage_rollup_every)
     serve(args.host, args.port, workers=args.workers)
 
 
@@ -171,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     info("loading the demo data (idempotent)")
     data = demo_data(url, endpoint)
     print(paste_block(data), flush=True)
+    start_usage_rollup(url, args.usage_rollup_every)
     serve(args.host, args.port, workers=args.workers)
 
 
@@ -261,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
         p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+        p.add_argument("--usage-rollup-every", type=float, default=5.0, metavar="SECONDS",
+                       help="run the usage rollup job in the background every SECONDS (default 5; 0: off)")
         p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
         p.add_argument("--db-port", type=int, help="embedded database port")
 
