@@ -12,7 +12,9 @@ seconds (default 60: what the job has not reached yet is read live), and the cal
 ``public.org_usage(org, now() - 30 days, now(), 'day,actor')`` runs ``--runs`` times as the org's admin and
 as one member, exactly as the HTTP handler makes it (``set_config(role, claims)`` in a transaction).
 Printed per case: p50 and p95 of the call's wall time on one connection to a local server (the database's
-time plus one local round trip), the verdict against 50 ms, the job's catch-up and idle run times, and the
+time plus one local round trip), the verdict (p95 against 50 ms), the server backend's CPU per call (read from
+/proc when the server runs on this machine: the cost whatever else the machine is doing) beside the load
+average, the job's catch-up and idle run times, and the
 plan of the aggregate inside the call (auto_explain with ``log_nested_statements``, as NOTICEs; needs a
 superuser connection).
 
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -106,20 +110,39 @@ def _as(c: psycopg.Connection[Any], user: str) -> None:
               (claims,))
 
 
+def backend_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a server backend so far, when the server runs on this machine (/proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_calls(url: str, org: str, user: str, runs: int) -> dict[str, Any]:
     times: list[float] = []
     with psycopg.connect(url) as c:
+        row = c.execute("select pg_backend_pid()").fetchone()
+        assert row is not None
+        pid = int(row[0])
+        c.commit()
+        cpu_before = backend_cpu_seconds(pid)
+        load_before = os.getloadavg()[0]
         for _ in range(runs):
             with c.transaction():
                 _as(c, user)
                 t = time.perf_counter()
                 row = c.execute(CALL, {"org": org}).fetchone()
                 times.append(time.perf_counter() - t)
+        cpu_after = backend_cpu_seconds(pid)
     assert row is not None
     usage = row[0]
+    # The backend's CPU per call (set_config included): what the call costs whatever else the machine is doing.
+    cpu_ms = None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) / runs * 1000
     return {"p50_ms": percentile(times, 50) * 1000, "p95_ms": percentile(times, 95) * 1000,
             "p99_ms": percentile(times, 99) * 1000, "groups": len(usage["data"]), "total_spent": usage["total_spent"],
-            "scope": usage["scope"], "from": usage["from"], "to": usage["to"]}
+            "scope": usage["scope"], "from": usage["from"], "to": usage["to"], "cpu_ms": cpu_ms,
+            "load": (load_before + os.getloadavg()[0]) / 2}
 
 
 def direct_total(url: str, org: str, since: str, until: str) -> int:
@@ -180,11 +203,15 @@ def report(r: dict[str, Any]) -> None:
     print(f"usage job: catch-up {job['catch_up_ms']:.0f} ms (folded {job['catch_up']['folded']:,} spends), "
           f"idle run {job['idle_ms']:.1f} ms; rollup {job['day_rows']:,} day rows, {job['hour_rows']:,} hour rows; "
           f"{job['live_spends']:,} spends not yet folded (the last {r.get('lag', 60):g} s)")
-    print(f"{'caller':<8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'groups':>7} {'spent':>9}")
+    print(f"{'caller':<8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU ms':>8} {'groups':>7} {'spent':>9}"
+          f" {'load avg':>9}")
     for who in ("admin", "member"):
         x = r[who]
-        print(f"{who:<8} {x['p50_ms']:>8.2f} {x['p95_ms']:>8.2f} {x['p99_ms']:>8.2f} {x['groups']:>7} "
-              f"{x['total_spent']:>9}")
+        cpu = "n/a" if x["cpu_ms"] is None else f"{x['cpu_ms']:.2f}"
+        print(f"{who:<8} {x['p50_ms']:>8.2f} {x['p95_ms']:>8.2f} {x['p99_ms']:>8.2f} {cpu:>8} {x['groups']:>7} "
+              f"{x['total_spent']:>9} {x['load']:>9.1f}")
+    print("(ms: wall time of the call on a local connection; CPU ms: the server backend's CPU per call, from "
+          "/proc; load avg: the machine's 1-minute load average meanwhile, on 2 cores)")
     print(f"exact: {'yes' if r['exact'] else 'NO'} (the ledger's own sum: {r['expected_total']})")
     print(f"verdict: {r['verdict']} (admin p95 {r['admin']['p95_ms']:.2f} ms against a budget of {BUDGET_MS:.0f} ms)")
     print("\nEXPLAIN (ANALYZE, BUFFERS) of the call, as the admin:")

@@ -24,6 +24,9 @@ declare
   v_dlo timestamptz;     -- of which whole days (and the day bucket that ends at W) come from usage_days
   v_dhi timestamptz;
   v_rows jsonb;
+  v_total bigint;
+  v_users uuid[];
+  v_keys uuid[];
 begin
   if exists (select 1 from unnest(v_group) g where g not in ('day', 'actor')) then
     perform private.err(400, 'invalid_group_by',
@@ -98,6 +101,7 @@ begin
     from fine f
     group by 1, 2, 3
   )
+  -- The rows, their total and the ids the actors list names, in one pass over the groups.
   select coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
            'day', r.day,
            'actor_kind', case when not v_actor then null
@@ -105,8 +109,11 @@ begin
                               when r.service_key_id is not null then 'service_key'
                               else 'system' end,
            'user_id', r.user_id, 'service_key_id', r.service_key_id, 'spent', r.spent, 'spends', r.spends))
-           order by r.day, r.spent desc, r.user_id, r.service_key_id), '[]'::jsonb)
-  into v_rows
+           order by r.day, r.spent desc, r.user_id, r.service_key_id), '[]'::jsonb),
+         coalesce(sum(r.spent), 0),
+         array_agg(r.user_id) filter (where r.user_id is not null),
+         array_agg(r.service_key_id) filter (where r.service_key_id is not null)
+  into v_rows, v_total, v_users, v_keys
   from rolled r;
 
   return jsonb_build_object(
@@ -114,7 +121,7 @@ begin
     'scope', case when v_all then 'org' else 'own' end,
     'from', v_since, 'to', v_until,
     'group_by', to_jsonb(array(select g from unnest(array['day', 'actor']) g where g = any (v_group))),
-    'total_spent', coalesce((select sum((r ->> 'spent')::bigint) from jsonb_array_elements(v_rows) r), 0),
+    'total_spent', v_total,
     'data', v_rows,
     -- Who the ids are: the members among them (email) and the org's keys (name); a former member has no entry.
     'actors', coalesce((
@@ -122,14 +129,12 @@ begin
       from (
         select jsonb_build_object('kind', 'user', 'id', m.user_id, 'label', u.email, 'role', m.role) as a
         from public.org_members m join auth.users u on u.id = m.user_id
-        where m.org_id = c.org_id
-          and m.user_id in (select (r ->> 'user_id')::uuid from jsonb_array_elements(v_rows) r)
+        where m.org_id = c.org_id and m.user_id = any (v_users)
         union all
         select jsonb_build_object('kind', 'service_key', 'id', k.id, 'label', k.name, 'prefix', k.key_prefix,
                                   'revoked', k.revoked_at is not null)
         from public.api_keys k
-        where k.org_id = c.org_id and k.kind = 'service'
-          and k.id in (select (r ->> 'service_key_id')::uuid from jsonb_array_elements(v_rows) r)
+        where k.org_id = c.org_id and k.kind = 'service' and k.id = any (v_keys)
       ) s), '[]'::jsonb));
 end $$;
 comment on function public.org_usage(text, timestamptz, timestamptz, text) is
