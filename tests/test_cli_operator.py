@@ -437,3 +437,13 @@ def test_audit_purge_as_of_a_past_date(run_cli, world, conn):
     with pytest.raises(SystemExit) as exc:
         run_cli("audit", "purge", "--as-of", "yesterday", ok=False)
     assert exc.value.code == 2
+
+
+def test_usage_rollup(run_cli, conn):
+    """`usage rollup` runs the job once: nothing to fold in a new database, W moves to a few seconds ago."""
+    result = js(run_cli, "usage", "rollup")
+    assert result["skipped"] is False and result["folded"] == 0
+    assert conn.execute("select closed_through > now() - interval '1 minute' as ok from private.usage_state"
+                        ).fetchone()["ok"]
+    code, _, err = run_cli("usage", "rollup", "--every", "0", ok=False)
+    assert code == 1 and "--every" in err

@@ -201,6 +201,18 @@ def check_port_free(host: str, port: int) -> None:
             raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+def start_usage_rollup(url: str, every: float) -> None:
+    """The usage rollup job in a background thread of this (the gunicorn master) process; 0 turns it off."""
+    from .usage_job import start_background
+
+    if every > 0:
+        start_background(url, every)
+        info(f"usage rollup every {every:g} s (--usage-rollup-every)")
+    else:
+        info("usage rollup off: GET /api/orgs/{org}/usage reads the whole range from the ledger "
+             "(run `upshift-platform usage rollup --every 5`)")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import default_workers, serve
 
@@ -211,6 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("DATABASE_URL", database_url(args))
     if check_settings().audit_signing_key is None:
         info("UPSHIFT_AUDIT_SIGNING_KEY not set: audit checkpoints answer 503 signing_not_configured")
+    start_usage_rollup(os.environ["DATABASE_URL"], args.usage_rollup_every)
     if args.json:
         print(json.dumps({"endpoint": f"http://{args.host}:{args.port}", "workers": args.workers or default_workers(),
                           "threads": args.threads}), flush=True)
@@ -234,6 +247,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(json.dumps(data), flush=True)  # one line: the demo's endpoint, org, users and keys
     else:
         print(paste_block(data), flush=True)
+    start_usage_rollup(url, args.usage_rollup_every)
     serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 
@@ -336,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=None,
                        help="gunicorn worker processes (default: one per core this process may use)")
         p.add_argument("--threads", type=int, default=8, help="request threads per worker (default 8)")
+        p.add_argument("--usage-rollup-every", type=float, default=5.0, metavar="SECONDS",
+                       help="run the usage rollup job in the background every SECONDS (default 5; 0: off)")
         p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
         p.add_argument("--db-port", type=int, help="embedded database port")
 

@@ -379,6 +379,29 @@ def audit_retention(args: argparse.Namespace) -> None:
         _emit(args, call(cur, "admin_set_audit_retention", org=args.org, days=days))
 
 
+# --- usage -----------------------------------------------------------------------------------
+
+
+def usage_rollup(args: argparse.Namespace) -> None:
+    from .usage_job import run_once
+
+    if args.every is not None and args.every <= 0:
+        raise CliError("--every is a number of seconds above 0")
+    url = _url(args)
+    while True:
+        try:
+            result = run_once(url, wait_ms=args.wait_ms)
+        except psycopg.Error as exc:
+            raise CliError(exc.diag.message_primary or str(exc)) from None
+        if args.every is None:
+            _emit(args, result)
+            return
+        if result.get("folded") or args.json:
+            print(dumps(result) if args.json else
+                  f"closed through {result['closed_through']}: folded {result['folded']} spend(s)", flush=True)
+        time.sleep(args.every)
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -472,3 +495,9 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
     p = cmd(g, "retention", audit_retention, "set an org's audit retention")
     p.add_argument("--org", required=True)
     p.add_argument("--days", required=True, help="days, or 'default' for the plan's")
+
+    g = group("usage", "the usage rollup behind GET /api/orgs/{org}/usage: rollup")
+    p = cmd(g, "rollup", usage_rollup, "fold the closed part of the ledger into the usage rollup (once, or --every)")
+    p.add_argument("--every", type=float, metavar="SECONDS", help="keep running, every SECONDS")
+    p.add_argument("--wait-ms", type=int, default=200,
+                   help="how long a run waits for the transactions running when it starts (default 200)")
