@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -80,8 +81,39 @@ def template_db(pg_server_url: str) -> Iterator[str]:
 _counter = iter(range(1, 1_000_000))
 
 
+class _Dropper:
+    """Drops each test's database once the test is over, in the background: a run of 1,000 tests would
+    otherwise keep 1,000 copies of the schema on the server until it ends (a shared server's disk fills
+    up when several runs go at once), and a drop waits for a checkpoint, which the tests need not wait for."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.names: queue.Queue[str | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="drop-test-databases", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (name := self.names.get()) is not None:
+            try:
+                with psycopg.connect(self.server_url, autocommit=True) as admin:
+                    admin.execute(f'drop database if exists "{name}" with (force)')
+            except psycopg.Error:
+                pass  # the session's end sweeps whatever is left
+
+    def close(self) -> None:
+        self.names.put(None)
+        self.thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def _dropper(pg_server_url: str, template_db: str) -> Iterator[_Dropper]:
+    dropper = _Dropper(pg_server_url)
+    yield dropper
+    dropper.close()  # before template_db's sweep (this fixture depends on it, so it ends first)
+
+
 @pytest.fixture
-def db_url(pg_server_url: str, template_db: str) -> str:
+def db_url(pg_server_url: str, template_db: str, _dropper: _Dropper) -> Iterator[str]:
     name = f"upshift_test_{RUN_ID}_{next(_counter)}"
     with psycopg.connect(pg_server_url, autocommit=True) as admin:
         for attempt in range(50):
@@ -90,7 +122,8 @@ def db_url(pg_server_url: str, template_db: str) -> str:
                 break
             except psycopg.errors.ObjectInUse:  # template briefly busy
                 time.sleep(0.05 * (attempt + 1))
-    return _with_db(pg_server_url, name)
+    yield _with_db(pg_server_url, name)
+    _dropper.names.put(name)
 
 
 @pytest.fixture
