@@ -35,7 +35,8 @@ def summary(machine: str, results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run them, print the summary table, and return the figures (``upshift-platform bench --json``)."""
     parser = argparse.ArgumentParser(description="Run every benchmark and print one summary table.")
     parser.add_argument("--quick", action="store_true", help="short runs and 100,000 audit events (a smoke test)")
     parser.add_argument("--only", default="debit,http,audit", help="comma-separated subset (default: all)")
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         with bench_server() as url:
             machine = describe(url)
     print(summary(machine, results))
+    return {"machine": machine, **results}
 
 
 if __name__ == "__main__":
