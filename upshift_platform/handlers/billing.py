@@ -21,6 +21,7 @@ from ..models import (
 )
 from ..routing import Ctx, Html, Router
 from ..session import Backend, OpenSession, Session
+from .limits import refusal
 
 router = Router("billing")
 
@@ -38,14 +39,15 @@ def idempotency_key(ctx: Ctx, body_key: str | None) -> str | None:
               summary="Spend credits for an action (the upshift CLI's call)",
               errors=(400, 401, 402, 403, 409), error_models={402: InsufficientCredits},
               fields={"amount": "count", "reason": "action"})
-def consume(ctx: Ctx, body: Consume, db: Session) -> dict[str, Any]:
+def consume(ctx: Ctx, body: Consume, db: Session) -> dict[str, Any] | ApiError:
     # debit_credits resolves the org context (explicit, the key's, the default org, or none) and checks
     # the action's price, the count and the caller's role there: every rule is the database's.
     result = db.call_dict("debit_credits", amount=body.count, reason=body.action, org=explicit_org(ctx, body.org_id),
                           idempotency_key=idempotency_key(ctx, body.idempotency_key),
                           metadata={"action": body.action, "count": body.count})
     ctx.note_org(result.get("org_id"))
-    return result
+    # Over the caller's spend limit: a committed refusal (its spend_limit_reached event stays), answered as 402.
+    return refusal(result) or result
 
 
 @router.route("GET", "/billing/status", response=BillingStatus,
