@@ -319,34 +319,45 @@ def test_the_job_sweeps_expired_holds_and_lots(conn, acme):
 
 
 def test_holds_race_spends_and_expiry(conn, db_url, acme):
-    """Balance 100: 16 clients holding 10 (half with a 1 s ttl), 16 spending 10; available is never negative."""
-    results: list[str] = []
-    lock = threading.Lock()
+    """Balance 100: 16 clients holding 10 race 16 spending 10 (exactly 10 succeed, available never below 0);
+    then the holds expire while 16 more spends race the job: exactly the freed credits are spent."""
+    def race(sqls: list[str]) -> list[str]:
+        results: list[str] = []
+        lock = threading.Lock()
 
-    def work(i: int, c: psycopg.Connection[Any]) -> None:
-        who = acme["member"] if i % 2 else acme["m2"]
-        sql = ("select public.hold_credits(10, 'explain', %s, 'acme') as r" % (1 if i % 4 == 0 else 900)
-               if i < 16 else "select public.debit_credits(10, 'explain', 'acme') as r")
-        try:
-            with c.transaction(), c.cursor() as cur:
-                cur.execute("select set_config('role', 'authenticated', true),"
-                            " set_config('request.jwt.claims', %s, true)", (json.dumps(claims_for(who)),))
-                cur.execute(sql).fetchone()
-            out = "ok"
-        except psycopg.Error as exc:
-            out = exc.diag.sqlstate or "?"
-        with lock:
-            results.append(out)
+        def work(i: int, c: psycopg.Connection[Any]) -> None:
+            try:
+                with c.transaction(), c.cursor() as cur:
+                    if "run_credit_jobs" not in sqls[i]:  # the job runs as the backend
+                        cur.execute("select set_config('role', 'authenticated', true),"
+                                    " set_config('request.jwt.claims', %s, true)",
+                                    (json.dumps(claims_for(acme["member"] if i % 2 else acme["m2"])),))
+                    cur.execute(sqls[i]).fetchone()
+                out = "ok"
+            except psycopg.Error as exc:
+                out = exc.diag.sqlstate or "?"
+            with lock:
+                results.append(out)
 
-    run_together(db_url, 32, work)
+        run_together(db_url, len(sqls), work)
+        return results
+
+    hold_sql = "select public.hold_credits(10, 'explain', 900, 'acme')"
+    spend_sql = "select public.debit_credits(10, 'explain', 'acme')"
+    results = race([hold_sql if i % 2 else spend_sql for i in range(32)])
     assert set(results) <= {"ok", "PT402"} and results.count("ok") == 10
     row = conn.execute("select balance, held from public.credit_accounts where id = %s", (acme["org"],)).fetchone()
-    assert row["balance"] - row["held"] == 0
-    time.sleep(1.2)
-    conn.execute("select public.run_credit_jobs()")
+    assert row["balance"] - row["held"] == 0 and row["held"] % 10 == 0
+    held = row["held"]
+    # Every hold passes its expiry (as if time had passed); the job and 16 spends race to use it.
+    conn.execute("update public.credit_holds set expires_at = now() - interval '1 second' where status = 'active'")
+    conn.execute("update public.credit_accounts set holds_expire_at = now() - interval '1 second' where id = %s",
+                 (acme["org"],))
+    results = race([spend_sql] * 15 + ["select public.run_credit_jobs()"])
+    assert results.count("ok") == held // 10 + 1  # the freed credits, plus the job's own success
     row = conn.execute("select balance, held from public.credit_accounts where id = %s", (acme["org"],)).fetchone()
-    assert row["held"] == conn.execute("select coalesce(sum(amount), 0) as s from public.credit_holds"
-                                       " where status = 'active'").fetchone()["s"]
+    assert row == {"balance": 0, "held": 0}
+    assert conn.execute("select count(*) as n from public.credit_holds where status = 'active'").fetchone()["n"] == 0
     assert_invariants(conn)
 
 
@@ -596,10 +607,42 @@ def test_outsiders_cannot_touch_holds_or_lots(conn, acme, as_role):
                 with cur.connection.transaction():
                     cur.execute(sql)
     _, detail = error_of(lambda: call(conn, acme["admin"], "select public.run_credit_jobs() as r"))
-    assert detail["error"] in ("backend_only",) or detail == {}
+    assert detail.get("error") in ("backend_only", None)  # 42501: not granted
     _, detail = error_of(lambda: call(conn, acme["outsider"], "select public.list_credit_lots('acme') as r"))
     assert detail["error"] == "org_forbidden"
     # a revoked key cannot hold or settle
     conn.execute("select public.admin_revoke_api_key(%s)", (acme["key"]["id"],))
     state, _ = error_of(lambda: hold(conn, None, 1, claims=key_claims(acme["key"])))
     assert state == "PT403"
+
+
+def _event(kind: str, obj: dict[str, Any]) -> str:
+    return json.dumps({"id": f"evt_{uuid.uuid4().hex}", "type": kind, "created": int(time.time()),
+                       "data": {"object": obj}})
+
+
+def test_plan_credits_expire_with_their_period_and_packs_by_the_configured_lifetime(conn, acme):
+    meta = {"account_kind": "org", "account_id": acme["org"], "tier": "team"}
+    end = int(time.time()) + 30 * 86400
+    invoice = {"id": "in_1", "subscription": "sub_1", "billing_reason": "subscription_cycle",
+               "subscription_details": {"metadata": meta}, "lines": {"data": [{"period": {"end": end}}]}}
+    out = conn.execute("select public.stripe_apply_event(%s, %s) as r",
+                       (_event("invoice.paid", invoice), json.dumps({"plan_credits": {"team": 1000}}))).fetchone()["r"]
+    assert out["outcome"] == "plan_credits_granted"
+    plan = conn.execute("select source, amount, extract(epoch from expires_at)::bigint as e from public.credit_lots"
+                        " where account_id = %s and source = 'plan'", (acme["org"],)).fetchone()
+    assert plan == {"source": "plan", "amount": 1000, "e": end}
+
+    def pack(session: str, config: dict[str, Any]) -> Any:
+        obj = {"id": session, "mode": "payment", "payment_status": "paid", "payment_intent": f"pi_{session}",
+               "amount_total": 500, "currency": "usd",
+               "metadata": {"account_kind": "org", "account_id": acme["org"], "pack": "small", "credits": "100"}}
+        conn.execute("select public.stripe_apply_event(%s, %s)",
+                     (_event("checkout.session.completed", obj), json.dumps(config)))
+        return conn.execute("select source, expires_at from public.credit_lots where payment_key = %s",
+                            (f"pi_{session}",)).fetchone()
+
+    assert pack("cs_a", {"pack_credits": {"small": 100}}) == {"source": "purchase", "expires_at": None}
+    lived = pack("cs_b", {"pack_credits": {"small": 100}, "pack_lifetime_days": 30})
+    assert lived["source"] == "purchase" and lived["expires_at"] is not None
+    assert_invariants(conn)

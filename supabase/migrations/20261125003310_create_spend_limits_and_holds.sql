@@ -351,7 +351,7 @@ begin
     select * into a from public.credit_accounts x where x.id = p_account;
   end if;
   v_balance := private.account_balance(p_account);
-  if a.held > 0 and v_balance - a.held < p_amount then  -- (nothing held: apply_credit_change answers as before)
+  if (p_whole or a.held > 0) and v_balance - a.held < p_amount then  -- (a spend with nothing held: apply_credit_change answers)
     perform private.err(402, 'insufficient_credits',
       format('%s has %s credits available (%s, %s of them held), %s needed.',
              case when a.org_id is not null then 'The org' else 'Your personal balance' end,

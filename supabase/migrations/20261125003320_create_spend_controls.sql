@@ -292,7 +292,7 @@ begin
   if h.id is null or not (private.is_backend()
       or h.actor_user_id is not distinct from v_uid and h.service_key_id is not distinct from v_key_id
          and (v_uid is not null or v_key_id is not null)
-      or (v_uid is not null and private.actor_role(h.account_id) = 'admin')) then
+      or coalesce(v_uid is not null and private.actor_role(h.account_id) = 'admin', false)) then
     perform private.err(404, 'hold_not_found', 'No such hold.', jsonb_build_object('hold_id', p_hold));
   end if;
   v_org := (select a.org_id from public.credit_accounts a where a.id = h.account_id);
