@@ -157,7 +157,7 @@ declare
   r record;
   v_left bigint := p_amount;
   v_take bigint;
-  v_takes jsonb := '{}';
+  v_takes jsonb := '{}'::jsonb;
 begin
   -- A take-back (refund, dispute) of p_amount: from lot p_first first, then in burn order. Recorded on each lot
   -- (taken); the answer is handed to the relayout that follows.
@@ -218,7 +218,8 @@ comment on function private.ledger_lots() is
   'metadata.lot_source); a refund takes back from the paying lot first; then the line is laid out again.';
 revoke all on function private.ledger_lots() from public, anon, authenticated, service_role;
 create trigger credit_transactions_lots after insert on public.credit_transactions
-  for each row when (new.amount > 0 or new.reason = 'refund') execute function private.ledger_lots();
+  for each row when (new.amount > 0 or (new.reason = 'refund' and new.system_key is not null))
+  execute function private.ledger_lots();
 
 -- A spend's ledger row records where on the line it left the account --------------------------
 
