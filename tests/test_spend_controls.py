@@ -269,6 +269,12 @@ def test_hold_refusals_and_who_may_settle(conn, acme):
     assert detail["error"] == "invalid_amount"
     # an admin may settle a member's hold
     assert settle(conn, acme["admin"], "release_hold", h["id"])["status"] == "released"
+    # a member removed (or demoted to viewer) since holding may release, not charge
+    h = hold(conn, acme["member"], 10)
+    conn.execute("update public.org_members set role = 'viewer' where user_id = %s", (acme["member"],))
+    _, detail = error_of(lambda: settle(conn, acme["member"], "capture_hold", h["id"], 1))
+    assert detail["error"] == "cannot_spend"
+    assert settle(conn, acme["member"], "release_hold", h["id"])["status"] == "released"
 
 
 def test_holds_are_idempotent_by_key(conn, acme):

@@ -315,6 +315,12 @@ begin
     return private.hold_json(h, false);
   end if;
   v_charge := coalesce(p_capture, h.amount);
+  -- Charging needs the right to spend now (a member removed since the hold was made may only release it).
+  if h.status = 'active' and v_org is not null and not private.is_backend()
+     and not coalesce(private.actor_role(v_org) = any (array['admin', 'member', 'service']), false) then
+    perform private.err(403, 'cannot_spend', 'Your right to spend this org''s credits was withdrawn; release the hold.',
+                        jsonb_build_object('org_id', v_org, 'hold_id', h.id));
+  end if;
   if h.status = 'captured' and h.captured = v_charge then
     return private.hold_json(h, true);
   elsif h.status <> 'active' then
