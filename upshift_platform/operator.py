@@ -245,12 +245,17 @@ def lots_list(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
         account = str(_org(cur, org)["id"]) if org else user
+        # A lot's remaining: its segments of the account's number line beyond the drawn position (line_end - balance).
         rows = cur.execute(
-            "select l.id, l.source, l.amount, case when l.expired_at is null"
-            " then private.lot_remaining(l.id, private.drawn(l.account_id)) else 0 end as remaining,"
+            "with d as (select a.line_end - a.balance - coalesce((select sum(s.balance) from public.credit_slices s"
+            "                                                      where s.account_id = a.id), 0) as drawn"
+            "           from public.credit_accounts a where a.id = %(a)s)"
+            " select l.id, l.source, l.amount, case when l.expired_at is null then coalesce((select"
+            "   sum(g.seg_end - greatest(g.seg_start, d.drawn)) from public.credit_lot_segments g"
+            "   where g.lot_id = l.id and g.seg_end > d.drawn), 0) else 0 end::bigint as remaining,"
             " l.expired, l.taken as taken_back, l.expires_at, l.expired_at, l.created_at"
-            " from public.credit_lots l where l.account_id = %s"
-            " order by l.expired_at is not null, l.expires_at asc nulls last, l.created_at", (account,)).fetchall()
+            " from public.credit_lots l cross join d where l.account_id = %(a)s"
+            " order by l.expired_at is not null, l.expires_at asc nulls last, l.created_at", {"a": account}).fetchall()
     if not args.all:
         rows = [r for r in rows if r["remaining"] > 0]
     _emit(args, rows, rows, ("id", "source", "amount", "remaining", "expired", "expires_at", "created_at"))

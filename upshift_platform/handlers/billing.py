@@ -7,7 +7,7 @@ from typing import Any
 from .. import cursor as keyset
 from .. import stripe_billing
 from ..context import explicit_org
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 from ..models import (
     BillingStatus,
     CheckoutCredits,
@@ -21,7 +21,6 @@ from ..models import (
 )
 from ..routing import Ctx, Html, Router
 from ..session import Backend, OpenSession, Session
-from .limits import refusal
 
 router = Router("billing")
 

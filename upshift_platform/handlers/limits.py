@@ -11,7 +11,7 @@ from typing import Any
 from uuid import UUID
 
 from ..context import explicit_org
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 from ..models import (
     CaptureIn,
     Hold,
@@ -25,20 +25,11 @@ from ..models import (
 )
 from ..routing import Ctx, Router
 from ..session import Session
+from .billing import idempotency_key
 
 billing = Router("billing")
 orgs = Router("orgs")
 ORG_ERRORS = (400, 401, 403, 404)
-
-
-def refusal(result: dict[str, Any]) -> ApiError | None:
-    """An RPC's committed refusal (``{"error": ..., "message": ...}``: a spend limit) as the 402 it is, else None."""
-    if "error" not in result:
-        return None
-    body = dict(result)
-    code = str(body.pop("error"))
-    message = str(body.pop("message", code))
-    return ApiError(402, code, message, **body)
 
 
 def _hold(ctx: Ctx, result: dict[str, Any]) -> dict[str, Any] | ApiError:
@@ -51,8 +42,6 @@ def _hold(ctx: Ctx, result: dict[str, Any]) -> dict[str, Any] | ApiError:
                errors=(400, 401, 402, 403, 409),
                error_models={402: SpendLimitReached})
 def create_hold(ctx: Ctx, body: HoldIn, db: Session) -> dict[str, Any] | ApiError:
-    from .billing import idempotency_key
-
     result = db.call_dict("hold_credits", amount=body.amount, reason=body.reason, ttl_seconds=body.ttl_seconds,
                           org=explicit_org(ctx, body.org_id),
                           idempotency_key=idempotency_key(ctx, body.idempotency_key), metadata=body.metadata)
