@@ -1,6 +1,6 @@
 """functions-framework HTTP targets, one per deployable function.
 
-Deploy each with ``--entry-point billing`` (or ``stripe_webhook``, ``audit``, ``orgs``);
+Deploy each with ``--entry-point billing`` (or ``stripe_webhook``, ``audit``, ``orgs``, ``jobs``);
 locally ``upshift-platform serve`` serves them all on one port.
 """
 
@@ -32,3 +32,4 @@ billing = _target("billing", "POST /credits/consume, GET /billing/status, checko
 stripe_webhook = _target("stripe_webhook", "POST /stripe/webhook.")
 audit = _target("audit", "POST /audit-events, GET /api/audit-logs[/export|/verify|/checkpoint|/public-key].")
 orgs = _target("orgs", "/api/orgs..., /api/invites/accept, /api/api-keys, /api/me.")
+jobs = _target("jobs", "POST /jobs/run (Cloud Scheduler, with UPSHIFT_JOBS_TOKEN).")

@@ -31,6 +31,9 @@ def world_state(world, conn):
         invite = cur.execute("select public.create_invite('acme', 'new@acme.test', 'member') as r").fetchone()["r"]
     with acting_as(conn, "authenticated", {"sub": member, "role": "authenticated"}, commit=True) as cur:
         cur.execute("select public.debit_credits(1, 'explain', 'acme')")
+    with acting_as(conn, "authenticated", {"sub": member, "role": "authenticated"}, commit=True) as cur:
+        hold = cur.execute("select public.hold_credits(5, 'explain', 900, 'acme') as r").fetchone()["r"]
+    conn.execute("select public.set_spend_limit('acme', 'default:member', 50, 'day')")  # as the operator
     conn.execute("select public.admin_set_slices('acme', 4)")  # a sliced pool: its slices are rows to read
     conn.execute("insert into public.audit_checkpoints (scope_id, seq, hash) values (%s, 0, '\\x00')", (acme,))
     conn.execute("insert into public.subscriptions (id, account_id, tier, status, last_event_at)"
@@ -42,7 +45,7 @@ def world_state(world, conn):
     claims["other_ci"] = {"role": "authenticated", "upshift": {"key_id": other_ci["id"], "kind": "service",
                                                                "org_id": other}}
     return {"acme": acme, "member": member, "viewer": viewer, "bystander": bystander, "claims": claims,
-            "acme_ci": acme_ci["id"], "invite": invite["id"]}
+            "acme_ci": acme_ci["id"], "invite": invite["id"], "hold": hold["id"]}
 
 
 def attempt(conn, actor, state, sql, params) -> bool:
@@ -91,6 +94,11 @@ TABLES = {
     "credit_prices": ("select count(*) as n from public.credit_prices", USERS_AND_CI),
     "credit_slices": ("select count(*) as n from public.credit_slices where account_id = %(acme)s",
                       {"read": {"member", "viewer", "admin"}}),
+    # spend controls: read through their RPCs only
+    "credit_lots": ("select count(*) as n from public.credit_lots where account_id = %(acme)s", {}),
+    "credit_lot_segments": ("select count(*) as n from public.credit_lot_segments where account_id = %(acme)s", {}),
+    "spend_limits": ("select count(*) as n from public.spend_limits where org_id = %(acme)s", {}),
+    "credit_holds": ("select count(*) as n from public.credit_holds where account_id = %(acme)s", {}),
 }
 WRITES = {
     "orgs": {"insert": "insert into public.orgs (slug, name) values ('x-new', 'X')",
@@ -139,6 +147,22 @@ WRITES = {
     "credit_prices": {"insert": "insert into public.credit_prices (action, credits) values ('free', 1)",
                       "update": "update public.credit_prices set credits = 1",
                       "delete": "delete from public.credit_prices"},
+    "credit_lots": {"insert": "insert into public.credit_lots (account_id, amount, source) values (%(acme)s, 1000, 'admin')",
+                    "update": "update public.credit_lots set amount = amount + 1000 where account_id = %(acme)s",
+                    "delete": "delete from public.credit_lots where account_id = %(acme)s"},
+    "credit_lot_segments": {"insert": "insert into public.credit_lot_segments select account_id, 10000, 11000, lot_id"
+                                      " from public.credit_lot_segments where account_id = %(acme)s limit 1",
+                            "update": "update public.credit_lot_segments set seg_end = seg_end + 1000"
+                                      " where account_id = %(acme)s",
+                            "delete": "delete from public.credit_lot_segments where account_id = %(acme)s"},
+    "spend_limits": {"insert": "insert into public.spend_limits (org_id, subject, credits, period, period_start)"
+                               " values (%(acme)s, 'default:key', 1, 'day', now())",
+                     "update": "update public.spend_limits set credits = 1000000 where org_id = %(acme)s",
+                     "delete": "delete from public.spend_limits where org_id = %(acme)s"},
+    "credit_holds": {"insert": "insert into public.credit_holds (account_id, amount, reason, expires_at)"
+                               " values (%(acme)s, 1000, 'explain', now() + interval '1 hour')",
+                     "update": "update public.credit_holds set amount = 1 where account_id = %(acme)s",
+                     "delete": "delete from public.credit_holds where account_id = %(acme)s"},
     "stripe_payments": {"insert": "insert into public.stripe_payments (payment_key) values ('pi_x')",
                         "update": "update public.stripe_payments set credits_reversed = 0",
                         "delete": "delete from public.stripe_payments"},
@@ -196,6 +220,16 @@ RPCS = {
     "me": ("select public.me()", USERS | {"other_ci"}),
     "set_default_org": ("select public.set_default_org(null)", USERS),
     "accept_invite": ("select public.accept_invite('upi_nope')", set()),  # unknown token: 404 for everyone
+    # spend controls
+    "hold_credits": ("select public.hold_credits(1, 'explain', 900, 'acme')", {"member", "admin"}),
+    "capture_hold": ("select public.capture_hold(%(hold)s, 1)", {"member", "admin"}),  # its actor, an org admin
+    "release_hold": ("select public.release_hold(%(hold)s)", {"member", "admin"}),
+    "list_credit_holds": ("select public.list_credit_holds('acme')", {"member", "viewer", "admin"}),
+    "list_credit_lots": ("select public.list_credit_lots('acme')", {"member", "viewer", "admin"}),
+    "set_spend_limit": ("select public.set_spend_limit('acme', 'member:' || %(bystander)s, 5, 'day')", {"admin"}),
+    "delete_spend_limit": ("select public.delete_spend_limit('acme', 'default:member')", {"admin"}),
+    "list_spend_limits": ("select public.list_spend_limits('acme')", {"member", "viewer", "admin"}),
+    "my_spend_limits": ("select public.my_spend_limits()", USERS | {"other_ci"}),
 }
 BACKEND_ONLY = [
     "grant_credits", "authenticate_api_key", "ledger_mismatches", "set_stripe_customer", "stripe_apply_event",
@@ -204,6 +238,7 @@ BACKEND_ONLY = [
     "admin_verify_audit_log", "admin_set_audit_retention", "admin_get_org", "admin_set_prices", "seal_audit_logs", "admin_set_slices",
     "api_key_claims",
     "usage_rollup",
+    "run_credit_jobs", "lot_mismatches",
 ]
 
 

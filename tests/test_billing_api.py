@@ -49,8 +49,8 @@ def test_cli_consume_and_status_with_org_bound_key(client, acme, key):
 def test_status_without_org_is_personal_and_free(client, world):
     u = world.user()
     body = client.get("/billing/status", headers=bearer(make_token(u))).get_json()
-    assert body == {"tier": "free", "balance": 10, "bonusMultiplier": 1.0, "source": "user", "org": None,
-                    "personal_balance": 10}
+    assert body == {"tier": "free", "balance": 10, "available": 10, "held": 0, "bonusMultiplier": 1.0,
+                    "source": "user", "org": None, "personal_balance": 10}
     resp = consume(client, make_token(u), {"action": "fix", "count": 3})
     assert resp.get_json()["source"] == "user" and resp.get_json()["balance"] == 7
 

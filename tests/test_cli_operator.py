@@ -447,3 +447,42 @@ def test_usage_rollup(run_cli, conn):
                         ).fetchone()["ok"]
     code, _, err = run_cli("usage", "rollup", "--every", "0", ok=False)
     assert code == 1 and "--every" in err
+
+
+def test_limits_lots_holds_and_jobs(run_cli, conn):
+    js(run_cli, "orgs", "create", "--name", "Gamma", "--slug", "gamma", "--admin-email", "boss@gamma.test",
+       "--create-user")
+    js(run_cli, "members", "add", "--org", "gamma", "--email", "dev@gamma.test", "--create-user")
+    limit = js(run_cli, "limits", "set", "--org", "gamma", "--email", "dev@gamma.test", "--credits", "5",
+               "--period", "month")
+    assert limit["credits"] == 5 and limit["period"] == "month" and limit["used"] == 0
+    js(run_cli, "limits", "set", "--org", "gamma", "--default", "key", "--credits", "9")
+    assert {x["subject"] for x in js(run_cli, "limits", "list", "--org", "gamma")} == {
+        "default:key", f"member:{limit['subject'].split(':')[1]}"}
+    code, _, err = run_cli("limits", "set", "--org", "gamma", "--email", "dev@gamma.test", "--credits", "5",
+                           "--period", "week", ok=False)
+    assert code == 1 and "period" in err
+    assert js(run_cli, "limits", "remove", "--org", "gamma", "--default", "key")["deleted"] is True
+
+    js(run_cli, "credits", "grant", "--org", "gamma", "--amount", "30", "--reason", "promo",
+       "--expires-at", "2999-01-01T00:00:00Z")
+    js(run_cli, "credits", "grant", "--org", "gamma", "--amount", "20")
+    lots = js(run_cli, "lots", "list", "--org", "gamma")
+    assert [(x["source"], x["remaining"]) for x in lots] == [("promo", 30), ("admin", 20)]
+    code, _, err = run_cli("credits", "grant", "--org", "gamma", "--amount", "5", "--expires-at", "2001-01-01",
+                           ok=False)
+    assert code == 1 and "future" in err
+
+    org = conn.execute("select id from public.orgs where slug = 'gamma'").fetchone()["id"]
+    dev = conn.execute("select id from auth.users where email = 'dev@gamma.test'").fetchone()["id"]
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true)",
+                    (json.dumps({"sub": str(dev), "role": "authenticated"}),))
+        hold = cur.execute("select public.hold_credits(4, 'explain', 900, 'gamma') as r").fetchone()["r"]
+    assert [h["id"] for h in js(run_cli, "holds", "list", "--org", "gamma", "--status", "active")] == [hold["id"]]
+    assert js(run_cli, "holds", "capture", hold["id"], "--amount", "3")["captured"] == 3
+    code, _, err = run_cli("holds", "release", hold["id"], ok=False)
+    assert code == 1 and "captured" in err
+    out = js(run_cli, "jobs", "run")
+    assert set(out) == {"accounts_swept", "holds_expired", "lots_expired", "credits_expired", "expiring_notices"}
+    assert conn.execute("select balance from public.credit_accounts where id = %s", (org,)).fetchone()["balance"] == 47

@@ -41,6 +41,7 @@ def balances(conn, team):
 
 def assert_invariant(conn):
     assert conn.execute("select * from public.ledger_mismatches()").fetchall() == []
+    assert conn.execute("select * from public.lot_mismatches()").fetchall() == []  # lots = balance
 
 
 def sqlstate(fn):

@@ -44,7 +44,7 @@ def test_requirements_txt_matches_pyproject():
     assert sorted(lines) == sorted(d.split(";")[0].split("  #")[0].strip() for d in deps)
 
 
-TARGETS = ["billing", "stripe_webhook", "audit", "orgs"]
+TARGETS = ["billing", "stripe_webhook", "audit", "orgs", "jobs"]
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_each_function_deploys_alone(target, deploy):
     health = client.get("/health")
     assert health.status_code == 200 and health.get_json()["database"] == "ok"
     other = {"billing": "/api/orgs", "orgs": "/credits/consume", "audit": "/billing/status",
-             "stripe_webhook": "/api/me"}[target]
+             "stripe_webhook": "/api/me", "jobs": "/api/me"}[target]
     assert client.get(other).status_code in (404, 405)  # not this function's path
 
 

@@ -65,7 +65,8 @@ class Walker:
 
 @pytest.fixture
 def walked(db_url, world, standin) -> list[Answer]:
-    plat = Platform(stripe_settings(db_url, standin, audit_signing_key=AuditSigningKey.from_seed(b"\x07" * 32)))
+    plat = Platform(stripe_settings(db_url, standin, audit_signing_key=AuditSigningKey.from_seed(b"\x07" * 32),
+                                    jobs_token="walk-jobs-token"))
     try:
         yield walk(Walker(plat), world)
     finally:
@@ -114,6 +115,18 @@ def walk(call: Walker, world: Any) -> list[Answer]:
     call("GET", "/api/credits/transactions?org_id=acme&limit=2", adm)
     call("GET", "/api/credits/transactions", mem)
     call("GET", "/api/orgs/acme/usage?group_by=day,actor", adm)
+    # spend controls: limits, holds, lots, the scheduled job
+    call("PUT", f"/api/orgs/acme/spend-limits/member:{member}", adm, json_body={"credits": 50, "period": "day"})
+    call("GET", "/api/orgs/acme/spend-limits", adm)
+    call("DELETE", f"/api/orgs/acme/spend-limits/member:{member}", adm)
+    held = call("POST", "/credits/holds", mem, json_body={"amount": 5, "reason": "fix", "org_id": "acme"},
+                expect=201).json()
+    call("POST", f"/credits/holds/{held['id']}/capture", mem, json_body={"amount": 3})
+    held = call("POST", "/credits/holds", ci_key, json_body={"amount": 2, "reason": "audit"}, expect=201).json()
+    call("POST", f"/credits/holds/{held['id']}/release", ci_key, json_body={})
+    call("GET", "/credits/holds?org_id=acme&status=", adm)
+    call("GET", "/api/credits/lots?org_id=acme&include_spent=true", mem)
+    call("POST", "/jobs/run", "walk-jobs-token", json_body={})
     # audit
     call("POST", "/audit-events", ci_key, json_body=UPGRADE, expect=201)
     call("POST", "/audit-events", member_key, json_body={"events": [UPGRADE, {**UPGRADE, "timestamp": None}]},

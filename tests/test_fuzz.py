@@ -37,7 +37,8 @@ def api(db_url, world, standin):
     admin = world.user("fuzz-admin@acme.test")
     org = world.org("acme", plan="team", balance=1000, admin=admin)
     key = world.key(admin, org=org)["secret"]
-    plat = Platform(stripe_settings(db_url, standin, audit_signing_key=AuditSigningKey.from_seed(b"\x05" * 32)))
+    plat = Platform(stripe_settings(db_url, standin, audit_signing_key=AuditSigningKey.from_seed(b"\x05" * 32),
+                                    jobs_token="fuzz-jobs-token"))
     app = create_wsgi_app(plat)
     yield schemathesis.openapi.from_wsgi("/openapi.json", app), {"Authorization": f"Bearer {key}"}
     plat.close()

@@ -40,6 +40,7 @@ UPGRADE = {"event_type": "upgrade", "resource_type": "package", "resource_id": "
 
 def invariant(conn) -> None:
     assert conn.execute("select * from public.ledger_mismatches()").fetchall() == []
+    assert conn.execute("select * from public.lot_mismatches()").fetchall() == []  # lots = balance
     assert conn.execute("select count(*) as n from public.credit_accounts where balance < 0").fetchone()["n"] == 0
 
 

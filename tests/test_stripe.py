@@ -45,6 +45,7 @@ def balance(conn, org=None, user=None):
 
 def assert_invariant(conn):
     assert conn.execute("select * from public.ledger_mismatches()").fetchall() == []
+    assert conn.execute("select * from public.lot_mismatches()").fetchall() == []  # lots = balance
 
 
 def test_pinned_api_version_is_the_librarys():

@@ -18,7 +18,7 @@ from . import console_routes
 from .auth import Authenticator
 from .db import Database
 from .errors import ApiError
-from .handlers import audit, billing, common, orgs, webhook
+from .handlers import audit, billing, common, jobs, limits, orgs, webhook
 from .http import MAX_BODY_BYTES, error_response
 from .routing import Router
 from .settings import Settings, get_settings
@@ -27,6 +27,7 @@ from .settings import Settings, get_settings
 # URL; locally the one server sends each path to its owner.
 PATH_OWNERS: tuple[tuple[str, str], ...] = (
     ("/stripe/webhook", "stripe_webhook"),
+    ("/jobs/", "jobs"),
     ("/audit-events", "audit"),
     ("/api/audit-logs", "audit"),
     ("/api/credits/", "billing"),
@@ -34,14 +35,15 @@ PATH_OWNERS: tuple[tuple[str, str], ...] = (
     ("/billing/", "billing"),
     ("/api/", "orgs"),
 )
-FUNCTIONS = ("billing", "stripe_webhook", "audit", "orgs")
+FUNCTIONS = ("billing", "stripe_webhook", "audit", "orgs", "jobs")
 
 
 def build_routers() -> dict[str, Router]:
     routers = {name: Router(name) for name in FUNCTIONS}
     for router in routers.values():
         router.include(common.router)
-    for handlers in (billing.router, orgs.router, audit.router, webhook.router):
+    for handlers in (billing.router, orgs.router, audit.router, webhook.router, limits.billing, limits.orgs,
+                     jobs.router):
         routers[handlers.name].include(handlers)
     return routers
 

@@ -40,6 +40,17 @@ class ApiError(Exception):
         return {"error": self.code, "message": self.message, **self.fields}
 
 
+def refusal(result: dict[str, Any]) -> ApiError | None:
+    """An RPC's committed refusal (``{"error": ..., "message": ...}``, e.g. a spend limit) as the 402 it is, else
+    None. The RPC returned it rather than raising, so what it recorded (an audit event) commits with the request."""
+    if "error" not in result:
+        return None
+    body = dict(result)
+    code = str(body.pop("error"))
+    message = str(body.pop("message", code))
+    return ApiError(402, code, message, **body)
+
+
 def _detail_fields(detail: str | None) -> dict[str, Any]:
     if not detail:
         return {}

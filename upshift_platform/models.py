@@ -154,6 +154,8 @@ class StatusOrg(BaseModel):
 class BillingStatus(BaseModel):
     tier: Literal["free", "pro", "team"]
     balance: int
+    available: int = Field(description="balance less the credits active holds reserve")
+    held: int = Field(description="Credits reserved by active holds")
     bonusMultiplier: float
     source: Literal["org", "user"]
     org: StatusOrg | None
@@ -292,3 +294,80 @@ class CheckoutResult(BaseModel):
     account_kind: Literal["org", "user"]
     account_id: UUID
     credits: int | None = None
+
+
+# --- spend controls: holds, lots, limits, jobs -------------------------------------------------
+
+
+class HoldIn(Strict):
+    """``POST /credits/holds``: reserve up to ``amount`` credits for ``reason`` (a priced action)."""
+
+    amount: StrictInt64 = described(description="Credits to reserve", minimum=1, maximum=1_000_000)
+    reason: str = described(description="The action (explain, fix, audit, ...)", minLength=1, maxLength=40)
+    ttl_seconds: StrictInt64 = described(900, description="Seconds until the hold expires by itself",
+                                         minimum=1, maximum=86400)
+    org_id: str | None = OrgRef
+    idempotency_key: str | None = described(None, minLength=1, maxLength=200)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="A JSON object of at most 4 KB")
+
+
+class CaptureIn(Strict):
+    amount: StrictInt64 | None = described(None, description="Credits to charge, at most the held amount "
+                                           "(default: all of it); the rest is released", minimum=1)
+
+
+class ReleaseIn(Strict):
+    pass
+
+
+class Hold(BaseModel):
+    id: UUID
+    status: Literal["active", "captured", "released", "expired"]
+    amount: int
+    captured: int | None
+    reason: str
+    expires_at: datetime
+    source: Literal["org", "user"]
+    org_id: UUID | None
+    user_id: UUID | None
+    service_key_id: UUID | None
+    idempotency_key: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    settled_at: datetime | None
+    transaction_id: UUID | None
+    balance: int
+    available: int
+    replayed: bool
+
+
+class HoldsQuery(Strict):
+    org_id: str | None = OrgRef
+    status: str | None = described("active", description="active (default), captured, released, expired; "
+                                   "empty for all", enum=["active", "captured", "released", "expired", ""])
+
+
+class LotsQuery(Strict):
+    org_id: str | None = OrgRef
+    include_spent: bool = Field(default=False, description="Also list lots with nothing left")
+
+
+class SpendLimitIn(Strict):
+    credits: StrictInt64 = described(description="Credits per period (0 stops all spending)", minimum=0,
+                                     maximum=1_000_000_000)
+    period: str = described(description="day and month run in UTC; total never resets",
+                            enum=["day", "month", "total"])
+
+
+class SpendLimitReached(Error):
+    limit: int
+    used: int
+    needed: int
+    period: str
+    resets_at: datetime | None
+    subject: str
+
+
+class JobsRun(Strict):
+    max_accounts: StrictInt64 = described(1000, description="At most this many accounts swept per call",
+                                          minimum=1, maximum=100000)

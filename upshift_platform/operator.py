@@ -168,13 +168,19 @@ def keys_revoke(args: argparse.Namespace) -> None:
 
 def credits_grant(args: argparse.Namespace) -> None:
     key = args.idempotency_key or f"cli:{uuid.uuid4()}"
+    metadata: dict[str, Any] = {"via": "upshift-platform"}
+    if args.note:
+        metadata["note"] = args.note
+    if args.expires_at:
+        metadata["expires_at"] = args.expires_at  # the lot's expiry (checked by the database)
+    if args.source:
+        metadata["lot_source"] = args.source
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
         if org is not None:
             org = str(_org(cur, org)["id"])  # the one resolver, so its error is every command's error
         out = call(cur, "grant_credits", amount=args.amount, reason=args.reason, org=org, user_id=user,
-                   idempotency_key=key, metadata={"via": "upshift-platform", "note": args.note} if args.note
-                   else {"via": "upshift-platform"})
+                   idempotency_key=key, metadata=metadata)
     _emit(args, {**out, "idempotency_key": key})
 
 
@@ -220,6 +226,93 @@ def prices_set(args: argparse.Namespace) -> None:
         prices[action.strip()] = int(credits)
     with service_tx(_url(args)) as cur:
         _emit(args, call(cur, "admin_set_prices", prices=prices, replace_all=args.replace))
+
+
+# --- spend controls: limits, lots, holds, jobs -------------------------------------------------
+
+
+def limits_list(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        rows = call(cur, "list_spend_limits", org=args.org)["data"]
+    _emit(args, rows, rows, ("subject", "credits", "period", "used", "remaining", "resets_at"))
+
+
+def _subject(cur: psycopg.Cursor[Any], args: argparse.Namespace) -> str:
+    if args.email:
+        return f"member:{_user(cur, args.email)}"
+    if args.key_id:
+        return f"key:{args.key_id}"
+    return f"default:{args.default}"
+
+
+def _subject_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--email", help="a member (by email)")
+    group.add_argument("--key-id", type=uuid.UUID, help="a service key of the org")
+    group.add_argument("--default", choices=["member", "key"], help="the default for new members or new keys")
+
+
+def limits_set(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "set_spend_limit", org=args.org, subject=_subject(cur, args), credits=args.credits,
+                         period=args.period))
+
+
+def limits_remove(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "delete_spend_limit", org=args.org, subject=_subject(cur, args)))
+
+
+def lots_list(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        org, user = _account(cur, args)
+        account = str(_org(cur, org)["id"]) if org else user
+        # A lot's remaining: its segments of the account's number line beyond the drawn position (line_end - balance).
+        rows = cur.execute(
+            "with d as (select a.line_end - a.balance - coalesce((select sum(s.balance) from public.credit_slices s"
+            "                                                      where s.account_id = a.id), 0) as drawn"
+            "           from public.credit_accounts a where a.id = %(a)s)"
+            " select l.id, l.source, l.amount, case when l.expired_at is null then coalesce((select"
+            "   sum(g.seg_end - greatest(g.seg_start, d.drawn)) from public.credit_lot_segments g"
+            "   where g.lot_id = l.id and g.seg_end > d.drawn), 0) else 0 end::bigint as remaining,"
+            " l.expired, l.taken as taken_back, l.expires_at, l.expired_at, l.created_at"
+            " from public.credit_lots l cross join d where l.account_id = %(a)s"
+            " order by l.expired_at is not null, l.expires_at asc nulls last, l.created_at", {"a": account}).fetchall()
+    if not args.all:
+        rows = [r for r in rows if r["remaining"] > 0]
+    _emit(args, rows, rows, ("id", "source", "amount", "remaining", "expired", "expires_at", "created_at"))
+
+
+def holds_list(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        org, user = _account(cur, args)
+        account = str(_org(cur, org)["id"]) if org else user
+        rows = cur.execute(
+            "select h.id, h.status, h.amount, h.captured, h.reason, h.actor_user_id as user_id, h.service_key_id,"
+            " h.expires_at, h.created_at, h.settled_at from public.credit_holds h where h.account_id = %s"
+            " and (%s::text is null or h.status = %s) order by h.created_at desc limit %s",
+            (account, args.status, args.status, args.limit)).fetchall()
+    _emit(args, rows, rows, ("id", "status", "amount", "captured", "reason", "expires_at"))
+
+
+def holds_release(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "release_hold", hold_id=args.hold_id))
+
+
+def holds_capture(args: argparse.Namespace) -> None:
+    with service_tx(_url(args)) as cur:
+        _emit(args, call(cur, "capture_hold", hold_id=args.hold_id, amount=args.amount))
+
+
+def jobs_run(args: argparse.Namespace) -> None:
+    while True:
+        with service_tx(_url(args)) as cur:
+            out = call(cur, "run_credit_jobs", max_accounts=args.max_accounts)
+        _emit(args, out)
+        if not args.every:
+            return
+        time.sleep(args.every)
 
 
 # --- audit -----------------------------------------------------------------------------------
@@ -469,11 +562,46 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
     p.add_argument("--reason", default="admin_grant")
     p.add_argument("--note")
     p.add_argument("--idempotency-key", help="repeat a grant safely (default: a new one each time)")
+    p.add_argument("--expires-at", help="the credits expire then (ISO 8601; default: never)")
+    p.add_argument("--source", choices=["admin", "promo"], help="the lot's source (default: from the reason)")
     p = cmd(g, "balance", credits_balance, "an account's balance")
     _account_args(p)
     p = cmd(g, "history", credits_history, "an account's ledger, newest first")
     _account_args(p)
     p.add_argument("--limit", type=int, default=20)
+
+    g = group("limits", "spend limits per member and per service key: list, set, remove")
+    p = cmd(g, "list", limits_list, "an org's spend limits with their use this period")
+    p.add_argument("--org", required=True)
+    p = cmd(g, "set", limits_set, "set a limit: credits per day, month or total (UTC)")
+    p.add_argument("--org", required=True)
+    _subject_args(p)
+    p.add_argument("--credits", type=int, required=True)
+    p.add_argument("--period", default="day", help="day (default), month or total")
+    p = cmd(g, "remove", limits_remove, "remove a limit")
+    p.add_argument("--org", required=True)
+    _subject_args(p)
+
+    g = group("lots", "credit lots (grants with their expiry, in burn order): list")
+    p = cmd(g, "list", lots_list, "an account's lots with credits left (--all: every lot)")
+    _account_args(p)
+    p.add_argument("--all", action="store_true")
+
+    g = group("holds", "credit holds: list, capture, release")
+    p = cmd(g, "list", holds_list, "an account's holds, newest first")
+    _account_args(p)
+    p.add_argument("--status", choices=["active", "captured", "released", "expired"])
+    p.add_argument("--limit", type=int, default=50)
+    p = cmd(g, "capture", holds_capture, "charge a hold (at most what it holds; default all)")
+    p.add_argument("hold_id", type=uuid.UUID)
+    p.add_argument("--amount", type=int)
+    p = cmd(g, "release", holds_release, "release a hold")
+    p.add_argument("hold_id", type=uuid.UUID)
+
+    g = group("jobs", "scheduled work: run (expire holds and lots; what Cloud Scheduler triggers)")
+    p = cmd(g, "run", jobs_run, "expire holds and lots past their expiry, note lots about to expire")
+    p.add_argument("--max-accounts", type=int, default=1000)
+    p.add_argument("--every", type=float, help="repeat every this many seconds (a local scheduler)")
 
     g = group("audit", "audit logs: tail, export, verify, purge, retention")
     p = cmd(g, "tail", audit_tail, "the latest events of an org or a user")

@@ -16,6 +16,9 @@ A handler is a typed function; its parameters are its declaration::
                   ``OpenSession`` is public: nobody is authenticated.
 ``Ctx``           the request itself (headers, the platform, what the log line reports)
 
+A handler may also *return* an ``ApiError``: a refusal whose transaction commits (the database
+recorded something about it) and that the client gets as the error.
+
 The route declares the rest: ``status``, ``response`` (the answer is validated against that
 model and keeps only its fields), ``errors`` for OpenAPI. A handler returns JSON (a dict, a
 list or a model), ``Html``, or a ``RowStream`` (rows streamed after its transaction committed).
@@ -239,8 +242,8 @@ class Route:
         return self._respond(ctx, answer, db)
 
     def _answer(self, result: object) -> object:
-        """Html and RowStream as they are; JSON through the declared response model (its fields only)."""
-        if isinstance(result, Html | RowStream):
+        """Html, RowStream and a returned ApiError as they are; JSON through the declared response model."""
+        if isinstance(result, Html | RowStream | ApiError):
             return result
         if self.response is not None:
             result = result if isinstance(result, self.response) else self.response.model_validate(result)
@@ -249,6 +252,12 @@ class Route:
         return result
 
     def _respond(self, ctx: Ctx, answer: object, db: Session | None) -> flask.Response:
+        if isinstance(answer, ApiError):
+            # A refusal the handler returned rather than raised: its transaction committed (what it recorded, such
+            # as a spend_limit_reached event, stays), and the client gets the error.
+            if self.on_reject is not None:
+                self.on_reject(ctx, answer)
+            return error_response(answer)
         if isinstance(answer, Html):
             return flask.Response(answer.text, status=self.status, mimetype="text/html")
         if isinstance(answer, RowStream):

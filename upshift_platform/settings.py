@@ -54,6 +54,15 @@ def _prices(raw: str | None) -> dict[str, int] | None:
     return prices
 
 
+def _lifetime(raw: str | None) -> int | None:
+    """``UPSHIFT_PACK_LIFETIME_DAYS``: days (1-3650) after which purchased credits expire; unset: never."""
+    if raw is None or raw.strip() == "":
+        return None
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 3650:
+        raise SettingsError(f"UPSHIFT_PACK_LIFETIME_DAYS must be a number of days from 1 to 3650, got {raw!r}")
+    return int(raw)
+
+
 PACKS = ("small", "medium", "large")
 TIERS = ("pro", "team")
 
@@ -68,6 +77,7 @@ class StripeSettings:
     api_base: str | None = None
     pack_credits: dict[str, int] = field(default_factory=lambda: {"small": 100, "medium": 300, "large": 1000})
     plan_credits: dict[str, int] = field(default_factory=lambda: {"pro": 100, "team": 1000})
+    pack_lifetime_days: int | None = None  # UPSHIFT_PACK_LIFETIME_DAYS: packs expire after it (unset: never)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StripeSettings:
@@ -84,6 +94,7 @@ class StripeSettings:
                           for p, d in (("small", 100), ("medium", 300), ("large", 1000))},
             plan_credits={"pro": _int(env, "UPSHIFT_PRO_MONTHLY_CREDITS", 100),
                           "team": _int(env, "UPSHIFT_TEAM_MONTHLY_CREDITS", 1000)},
+            pack_lifetime_days=_lifetime(env.get("UPSHIFT_PACK_LIFETIME_DAYS")),
         )
 
     def fulfilment_config(self) -> dict[str, object]:
@@ -92,6 +103,7 @@ class StripeSettings:
             "pack_credits": self.pack_credits,
             "plan_credits": self.plan_credits,
             "price_tiers": {price: tier for tier, price in self.prices.items() if tier in TIERS},
+            "pack_lifetime_days": self.pack_lifetime_days,
         }
 
 
@@ -113,6 +125,7 @@ class Settings:
     bonus_multiplier: float = 1.0
     stripe: StripeSettings = field(default_factory=StripeSettings)
     audit_signing_key: AuditSigningKey | None = None  # unset: the checkpoint endpoints answer 503
+    jobs_token: str | None = None  # UPSHIFT_JOBS_TOKEN: what Cloud Scheduler sends to POST /jobs/run (unset: 503)
 
     @property
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -151,6 +164,7 @@ class Settings:
             stripe=StripeSettings.from_env(env),
             bonus_multiplier=_float(env, "UPSHIFT_BONUS_MULTIPLIER", 1.0),
             audit_signing_key=_signing_key(env.get("UPSHIFT_AUDIT_SIGNING_KEY")),
+            jobs_token=env.get("UPSHIFT_JOBS_TOKEN") or None,
         )
 
 

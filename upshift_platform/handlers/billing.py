@@ -7,7 +7,7 @@ from typing import Any
 from .. import cursor as keyset
 from .. import stripe_billing
 from ..context import explicit_org
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 from ..models import (
     BillingStatus,
     CheckoutCredits,
@@ -38,7 +38,7 @@ def idempotency_key(ctx: Ctx, body_key: str | None) -> str | None:
               summary="Spend credits for an action (the upshift CLI's call)",
               errors=(400, 401, 402, 403, 409), error_models={402: InsufficientCredits},
               fields={"amount": "count", "reason": "action"})
-def consume(ctx: Ctx, body: Consume, db: Session) -> dict[str, Any]:
+def consume(ctx: Ctx, body: Consume, db: Session) -> dict[str, Any] | ApiError:
     # debit_credits resolves the org context (explicit, the key's, the default org, or none) and checks
     # the action's price, the count and the caller's role there: every rule is the database's.
     # last=True: the debit travels with its COMMIT (one round trip; the pool's row is held only server-side).
@@ -46,7 +46,8 @@ def consume(ctx: Ctx, body: Consume, db: Session) -> dict[str, Any]:
                           idempotency_key=idempotency_key(ctx, body.idempotency_key),
                           metadata={"action": body.action, "count": body.count}, last=True)
     ctx.note_org(result.get("org_id"))
-    return result
+    # Over the caller's spend limit: a committed refusal (its spend_limit_reached event stays), answered as 402.
+    return refusal(result) or result
 
 
 @router.route("GET", "/billing/status", response=BillingStatus,

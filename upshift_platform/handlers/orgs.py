@@ -114,9 +114,16 @@ def revoke_api_key(key_id: UUID, db: Session) -> object:
 
 @router.route("GET", "/api/me", summary="Your profile, balance, plan, memberships, default org", errors=(401,))
 def me(db: Session) -> object:
-    if db.actor.user_id is None:  # an org service key: which key, acting for which org
-        return {"service_key": {"id": db.actor.key_id, "org": db.call("resolve_org", org=None)}}
-    return db.call("me")
+    limits = db.call("my_spend_limits")
+    assert isinstance(limits, list)
+    if db.actor.user_id is None:  # an org service key: which key, acting for which org, and its limit
+        return {"service_key": {"id": db.actor.key_id, "org": db.call("resolve_org", org=None),
+                                "spend_limit": limits[0] if limits else None}}
+    me = db.call_dict("me")
+    by_org = {str(limit["org_id"]): limit for limit in limits}
+    for membership in me.get("memberships", []):  # each membership with the caller's own limit there (or null)
+        membership["spend_limit"] = by_org.get(str(membership["org_id"]))
+    return me
 
 
 @router.route("PUT", "/api/me/default-org", summary="Select your default org", errors=ORG_ERRORS)
