@@ -16,7 +16,7 @@ ENV_FILES = [".env", ".env.prod.yaml", ".env.local", ".env.production", "prod.en
 SHIPPED = ["main.py", "requirements.txt", "functions/main.py", "upshift_platform/app.py",
            "upshift_platform/console/index.html"]
 SECRET_SETTINGS = ["DATABASE_URL", "SUPABASE_JWT_SECRET", "UPSHIFT_AUDIT_SIGNING_KEY", "STRIPE_SECRET_KEY",
-                   "STRIPE_WEBHOOK_SECRET"]
+                   "STRIPE_WEBHOOK_SECRET", "UPSHIFT_JOBS_TOKEN"]
 
 
 def _ignored(repo: Path, paths: list[str]) -> set[str]:
