@@ -301,16 +301,17 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def serve(db_url: str, *, workers: int, jwt_secret: str = "x" * 40) -> tuple[subprocess.Popen[bytes], int]:
+def serve(db_url: str, *, workers: int, jwt_secret: str = "x" * 40, threads: int | None = None,
+          env: dict[str, str] | None = None, stderr: Any = subprocess.DEVNULL) -> tuple[subprocess.Popen[bytes], int]:
     """``upshift-platform serve`` (gunicorn) on a free port in its own process group, once it answers /health.
 
     Stop it (master and workers) with ``os.killpg(proc.pid, ...)``.
     """
     port = embedded.free_port()
-    env = {**os.environ, "DATABASE_URL": db_url, "SUPABASE_JWT_SECRET": jwt_secret}
-    proc = subprocess.Popen([sys.executable, "-m", "upshift_platform.cli", "serve", "--port", str(port),
-                             "--workers", str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = {**os.environ, "DATABASE_URL": db_url, "SUPABASE_JWT_SECRET": jwt_secret, **(env or {})}
+    cmd = [sys.executable, "-m", "upshift_platform.cli", "serve", "--port", str(port), "--workers", str(workers)]
+    cmd += ["--threads", str(threads)] if threads else []
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

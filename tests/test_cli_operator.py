@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,7 +102,8 @@ def test_audit_commands(run_cli, world, conn, tmp_path):
     assert js(run_cli, "audit", "retention", "--org", "acme", "--days", "30")["effective_days"] == 30
     assert js(run_cli, "audit", "retention", "--org", "acme", "--days", "default")["effective_days"] == 365
     age_audit_logs(conn, org, 400)
-    purge = js(run_cli, "audit", "purge")
+    assert js(run_cli, "audit", "purge")["dry_run"] is True
+    purge = js(run_cli, "audit", "purge", "--yes")
     assert purge["deleted"] >= 1
     assert js(run_cli, "audit", "verify", "--org", "acme")["ok"] is True
 
@@ -214,6 +216,227 @@ def test_prices_live_in_the_database(run_cli, world, as_role):
         cur.execute("select public.debit_credits(3, 'fix')")
     assert json.loads(exc.value.diag.message_detail) == {"error": "unknown_action", "field": "reason",
                                                           "known_actions": ["explain"]}
+
+
+# --- one tool: errors, --json, output, export parity, purge (issue 17) ------------------------
+
+ORG_COMMANDS = [
+    ["orgs", "set-plan", "--plan", "team"],
+    ["members", "add", "--email", "a@acme.test"],
+    ["members", "set-role", "--email", "a@acme.test", "--role", "member"],
+    ["members", "remove", "--email", "a@acme.test"],
+    ["members", "list"],
+    ["keys", "create", "--email", "a@acme.test"],
+    ["keys", "list"],
+    ["credits", "grant", "--amount", "5"],
+    ["credits", "balance"],
+    ["credits", "history"],
+    ["audit", "tail"],
+    ["audit", "export"],
+    ["audit", "verify"],
+    ["audit", "retention", "--days", "30"],
+]
+
+
+@pytest.mark.parametrize("argv", [pytest.param(a, id="-".join(a[:2])) for a in ORG_COMMANDS])
+@pytest.mark.parametrize(("org", "message"), [
+    pytest.param("nope", "No org nope.", id="slug"),
+    pytest.param("00000000-0000-0000-0000-000000000000", "No org 00000000-0000-0000-0000-000000000000.", id="uuid"),
+    pytest.param("", "Name an org (its id or slug).", id="empty"),
+])
+def test_an_unknown_org_is_the_same_one_line_error_everywhere(run_cli, world, conn, argv, org, message, tmp_path):
+    world.org("acme", admin=world.user("a@acme.test"))
+    before = conn.execute("select (select count(*) from public.audit_logs) as a,"
+                          " (select count(*) from public.api_keys) as k").fetchone()
+    extra = ["--output", str(tmp_path / "x.ndjson")] if argv[:2] == ["audit", "export"] else []
+    code, out, err = run_cli(*argv, "--org", org, *extra, ok=False)
+    assert (code, out, err) == (1, "", f"upshift-platform: {message}\n")
+    code, out, err = run_cli(*argv, "--org", org, *extra, "--json", ok=False)
+    assert (code, out, err) == (1, "", f"upshift-platform: {message}\n")
+    assert not (tmp_path / "x.ndjson").exists()  # no empty export file either
+    after = conn.execute("select (select count(*) from public.audit_logs) as a,"
+                         " (select count(*) from public.api_keys) as k").fetchone()
+    assert before == after
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["keys", "list"], id="keys-list"), pytest.param(["credits", "balance"], id="credits-balance"),
+    pytest.param(["audit", "tail"], id="audit-tail"), pytest.param(["audit", "verify"], id="audit-verify"),
+])
+def test_an_unknown_user_is_an_error_not_an_empty_answer(run_cli, argv):
+    code, out, err = run_cli(*argv, "--email", "ghost@nowhere.test", ok=False)
+    assert (code, out, err) == (1, "", "upshift-platform: No user with email ghost@nowhere.test.\n")
+
+
+def _commands(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+            return
+    yield prefix, parser
+
+
+def test_every_command_takes_json():
+    commands = dict(_commands(cli.build_parser()))
+    assert len(commands) >= 30 and ("token",) in commands and ("db", "up") in commands
+    missing = [" ".join(c) for c, p in commands.items() if "--json" not in p._option_string_actions]
+    assert missing == []
+
+
+def test_json_of_token_db_and_demo(run_cli, db_url, monkeypatch):
+    import jwt
+
+    monkeypatch.setenv("SUPABASE_JWT_SECRET", "s3cret-for-this-test-0123456789abcdef")
+    token = js(run_cli, "token", "--email", "dev@example.test", "--create")
+    claims = jwt.decode(token["token"], "s3cret-for-this-test-0123456789abcdef", algorithms=["HS256"],
+                        audience="authenticated")
+    assert claims["sub"] == token["user_id"] and token["expires_at"] == claims["exp"]
+    assert js(run_cli, "db", "url") == {"url": db_url}
+    assert js(run_cli, "db", "migrate") == {"applied": []}
+    assert set(js(run_cli, "demo")) >= {"endpoint", "keys", "org_slug"}
+
+
+def test_tables_and_plain_answers_have_no_python_reprs(run_cli, world):
+    admin = world.user("a@acme.test")
+    world.org("acme", admin=admin, balance=5)
+    run_cli("keys", "create", "--email", "a@acme.test", "--org", "acme", "--kind", "service", "--name", "ci")
+    outputs = [run_cli(*argv)[1] for argv in (
+        ["orgs", "list"], ["members", "list", "--org", "acme"], ["keys", "list"], ["credits", "history", "--org", "acme"],
+        ["audit", "tail", "--org", "acme"], ["credits", "balance", "--org", "acme"], ["prices", "list"],
+        ["credits", "grant", "--org", "acme", "--amount", "1", "--idempotency-key", "k1"],
+        ["members", "set-role", "--org", "acme", "--email", "a@acme.test", "--role", "admin"],
+    )]
+    text = "\n".join(outputs)
+    for repr_ in ("None", "False", "True", "{'", "datetime.", "UUID(", "Decimal("):
+        assert repr_ not in text
+    assert "replayed: false" in text
+    stamps = re.findall(r"\d{4}-\d\d-\d\d.\d\d:\d\d:\d\d", text)
+    assert stamps and all("T" in s for s in stamps)  # times as in JSON, not Python's str()
+    keys_table = outputs[2].splitlines()
+    assert keys_table[0].split() == ["id", "kind", "name", "prefix", "owner", "org", "last_used_at", "revoked_at"]
+    assert all(line == line.rstrip() for line in keys_table)
+
+
+def test_orgs_create_says_the_admin_must_have_signed_in_once(run_cli, conn):
+    code, out, err = run_cli("orgs", "create", "--name", "Beta", "--slug", "beta", "--admin-email",
+                             "cto@beta.test", ok=False)
+    assert code == 1 and out == ""
+    assert err == ("upshift-platform: No user with email cto@beta.test: they must sign in once first (Supabase "
+                   "Auth creates the user then), or pass --create-user to create them now\n")
+    assert conn.execute("select count(*) as n from public.orgs").fetchone()["n"] == 0  # nothing created
+    code, _, err = run_cli("members", "add", "--org", "beta", "--email", "x@beta.test", ok=False)
+    assert err == "upshift-platform: No org beta.\n"
+    org = js(run_cli, "orgs", "create", "--name", "Beta", "--slug", "beta", "--admin-email", "cto@beta.test",
+             "--create-user")
+    assert org["slug"] == "beta"
+    code, _, err = run_cli("members", "add", "--org", "beta", "--email", "dev@beta.test", ok=False)
+    assert "they must sign in once first" in err and "--create-user" in err
+
+
+def _http_export(client, admin: str, fmt: str) -> str:
+    from tests.conftest import bearer, make_token
+
+    resp = client.get(f"/api/audit-logs/export?org_id=acme&format={fmt}", headers=bearer(make_token(admin)))
+    assert resp.status_code == 200
+    return resp.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_cli_export_matches_the_http_export(run_cli, world, client, tmp_path, fmt):
+    """Same columns, order, row order and time format: the files are byte for byte the same."""
+    from tests.conftest import bearer
+
+    admin = world.user("a@acme.test")
+    org = world.org("acme", plan="team", admin=admin, balance=50)
+    ci = world.key(admin, kind="service", org=org)["secret"]
+    events = [{"event_type": "upgrade", "resource_type": "package", "resource_id": f"pkg-{i}", "org_id": "acme",
+               "metadata": {"from_version": "1.0.0", "to_version": "2.0.0", "outcome": "success", "n": i},
+               "timestamp": "2026-11-25T08:13:58.336Z"} for i in range(5)]
+    resp = client.post("/audit-events", json={"events": events},
+                       headers={"Content-Type": "application/json", "User-Agent": "node", **bearer(ci)})
+    assert resp.status_code == 201, resp.get_json()
+    http = _http_export(client, admin, fmt)  # records its own audit_export event first
+    out = tmp_path / f"audit.{fmt}"
+    run_cli("audit", "export", "--org", "acme", "--format", fmt, "--output", str(out))
+    cli_text = out.read_bytes().decode()
+    assert cli_text == http
+    if fmt == "csv":
+        from upshift_platform.handlers.audit import COLUMNS
+
+        assert cli_text.splitlines()[0] == ",".join(COLUMNS)
+        assert re.search(r",2026-11-25T08:13:58\.336\+00:00,", cli_text)  # client_timestamp, as in JSON
+    else:
+        rows = [json.loads(line) for line in cli_text.splitlines()]
+        assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
+        assert all("T" in r["created_at"] for r in rows)
+    # To stdout as well, the same bytes.
+    assert run_cli("audit", "export", "--org", "acme", "--format", fmt)[1].replace("\r\n", "\n") == \
+        http.replace("\r\n", "\n")
+
+
+def _counts(conn, org):
+    return conn.execute("select count(*) as n, count(*) filter (where event_type = 'audit_purged') as purged"
+                        " from public.audit_logs where scope_id = %s", (org,)).fetchone()
+
+
+def test_audit_purge_is_a_dry_run_unless_yes(run_cli, world, conn):
+    admin = world.user("a@acme.test")
+    org = world.org("acme", plan="pro", admin=admin, balance=5)  # pro: 90 days
+    fresh = world.org("fresh", plan="team", admin=admin)
+    age_audit_logs(conn, org, 100)
+    before, fresh_before = _counts(conn, org), _counts(conn, fresh)
+    assert before["n"] >= 1
+
+    dry = js(run_cli, "audit", "purge")
+    assert dry["dry_run"] is True and dry["deleted"] == before["n"] and dry["scopes"] == 1
+    (log,) = dry["logs"]
+    assert log["log"] == "acme" and log["kind"] == "org" and log["retention_days"] == 90
+    assert log["events"] == before["n"] and log["through_seq"] == before["n"]
+    assert _counts(conn, org) == before and _counts(conn, fresh) == fresh_before  # nothing deleted, nothing recorded
+    _, out, err = run_cli("audit", "purge")
+    assert out.split("\n")[1].split()[:2] == ["acme", "org"]
+    assert f"dry run: would delete {before['n']} event(s) in 1 log(s)" in err and "--yes" in err
+    assert _counts(conn, org) == before
+
+    done = js(run_cli, "audit", "purge", "--yes")
+    assert done["dry_run"] is False and done["deleted"] == dry["deleted"] and done["logs"][0]["events"] == log["events"]
+    after = _counts(conn, org)
+    assert after["n"] == 1 and after["purged"] == 1  # the chain goes on from its checkpoint with audit_purged
+    event = conn.execute("select metadata from public.audit_logs where scope_id = %s and event_type = 'audit_purged'",
+                         (org,)).fetchone()["metadata"]
+    assert event["deleted"] == before["n"] and event["retention_days"] == 90
+    assert js(run_cli, "audit", "verify", "--org", "acme")["ok"] is True
+    assert _counts(conn, fresh) == fresh_before
+    again = js(run_cli, "audit", "purge", "--yes")
+    assert again["deleted"] == 0 and again["logs"] == []
+
+
+@pytest.mark.parametrize("when", ["2030-01-01", "2099-12-31T23:59:59Z"])
+@pytest.mark.parametrize("yes", [[], ["--yes"]], ids=["dry-run", "yes"])
+def test_audit_purge_refuses_a_date_past_the_retention_cutoff(run_cli, world, conn, when, yes):
+    """--as-of in the future would delete events that are still inside their retention."""
+    org = world.org("acme", plan="pro", admin=world.user("a@acme.test"), balance=5)
+    before = _counts(conn, org)
+    code, out, err = run_cli("audit", "purge", "--as-of", when, *yes, ok=False)
+    assert code == 1 and out == ""
+    assert err.startswith(f"upshift-platform: --as-of {when} is in the future") and len(err.splitlines()) == 1
+    assert _counts(conn, org) == before
+
+
+def test_audit_purge_as_of_a_past_date(run_cli, world, conn):
+    org = world.org("acme", plan="pro", admin=world.user("a@acme.test"), balance=5)
+    age_audit_logs(conn, org, 100)
+    # As of 30 days ago the rows were 70 days old: inside the 90 days, nothing to purge.
+    from datetime import UTC, datetime, timedelta
+
+    past = (datetime.now(UTC) - timedelta(days=30)).date().isoformat()
+    assert js(run_cli, "audit", "purge", "--as-of", past)["deleted"] == 0
+    with pytest.raises(SystemExit) as exc:
+        run_cli("audit", "purge", "--as-of", "yesterday", ok=False)
+    assert exc.value.code == 2
 
 
 def test_usage_rollup(run_cli, conn):

@@ -83,6 +83,7 @@ def walk(call: Walker, world: Any) -> list[Answer]:
     adm, mem, new = make_token(admin), make_token(member), make_token(newcomer)
 
     call("GET", "/health")
+    call("GET", "/health/live")
     call("GET", "/openapi.json")
     # orgs, members, invites, keys, profile
     side = call("POST", "/api/orgs", mem, json_body={"name": "Side", "slug": "side"}, expect=201).json()

@@ -125,7 +125,7 @@ def test_health_503_when_database_unreachable():
         resp = create_wsgi_app(plat).test_client().get("/health")
         assert resp.status_code == 503
         body = resp.get_json()
-        assert body["database"] == "unreachable"
+        assert body["database"] == "down"
         assert body["error"] == "database_unavailable"
     finally:
         plat.close()

@@ -54,6 +54,7 @@ class Platform:
             min_size=settings.pool_min,
             max_size=settings.pool_max,
             statement_timeout_ms=settings.statement_timeout_ms,
+            pool_timeout_s=settings.pool_timeout_s,
         )
         self.auth = Authenticator(settings)
         self.routers = build_routers()
@@ -107,28 +108,31 @@ def platform() -> Platform:
 
 
 def create_wsgi_app(plat: Platform | None = None) -> flask.Flask:
-    """All functions on one port (``upshift-platform serve``)."""
+    """All functions on one port (``upshift-platform serve``).
+
+    A Flask app (its test client is what the tests drive) whose WSGI entry skips Flask's own URL map,
+    contexts and hooks: every path goes straight to ``Platform.handle``, which routes, answers and
+    reports every error as JSON itself. That is a good part of a request's CPU on the hot path.
+    """
     app = flask.Flask("upshift_platform")
-    # Defence in depth only: the Router enforces MAX_BODY_BYTES itself (Ctx.raw_body), since
-    # functions-framework serves the routers from its own Flask app without this setting. One byte
-    # of slack, because Werkzeug refuses a stream once it *reaches* this limit, and a body of
-    # exactly MAX_BODY_BYTES is allowed.
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
-    def dispatch(path: str = "") -> Any:
+    def dispatch(environ: dict[str, Any], start_response: Any) -> Any:
         p = plat or platform()
-        request = flask.request
-        return p.handle(p.function_for(request.path), request)
+        request = flask.Request(environ)
+        # Defence in depth only: the Router enforces MAX_BODY_BYTES itself (Ctx.raw_body), since
+        # functions-framework serves the routers from its own Flask app without this setting. One byte
+        # of slack, because Werkzeug refuses a stream once it *reaches* this limit, and a body of
+        # exactly MAX_BODY_BYTES is allowed.
+        request.max_content_length = MAX_BODY_BYTES + 1
+        try:
+            response = p.handle(p.function_for(request.path), request)
+        except Exception as exc:  # the Router maps everything; this is for a request it could not even read
+            code = (exc.code or 400) if isinstance(exc, HTTPException) else 500
+            if code >= 500:
+                logging.getLogger("upshift.request").error("request failed before routing", exc_info=exc)
+            response = error_response(ApiError(code, "bad_request" if code < 500 else "internal",
+                                               "The request could not be read." if code < 500 else "Unexpected error."))
+        return response(environ, start_response)
 
-    app.add_url_rule("/", "root", dispatch, methods=methods)
-    app.add_url_rule("/<path:path>", "all", dispatch, methods=methods)
-
-    def http_error(exc: HTTPException) -> flask.Response:
-        # Paths Flask's router cannot even match (a newline in them, say) are still JSON errors.
-        code = exc.code or 500
-        return error_response(ApiError(code, (exc.name or "error").lower().replace(" ", "_"),
-                                       exc.description or exc.name or "Error."))
-
-    app.register_error_handler(HTTPException, http_error)
+    app.wsgi_app = dispatch  # type: ignore[method-assign]
     return app

@@ -17,9 +17,7 @@ from typing import Any
 
 import flask
 import jwt
-import psycopg
 
-from .db import act_as, call
 from .errors import ApiError
 from .settings import Settings
 
@@ -92,9 +90,9 @@ class Authenticator:
         signature, expiry, audience or role does not hold is a 401 without its body being read.
 
         Whether an API key exists and is active is *not* decided here: that lookup runs inside
-        the request's one database transaction (``actor_from_key``, ``authenticate_api_key``), because
-        a separate round trip before every request would cost the hot path (``POST
-        /credits/consume``) a second database call. The consequence is that a well-formed but
+        the request's one database transaction (``public.api_key_claims``, sent with the request's
+        first statement), because a separate round trip before every request would cost the hot
+        path (``POST /credits/consume``) a second database call. The consequence is that a well-formed but
         unknown key gets its body read before it is refused; ``http.read_body`` caps that at
         ``MAX_BODY_BYTES``.
         """
@@ -206,22 +204,16 @@ def request_headers(request: flask.Request, trusted: tuple[Network, ...]) -> dic
     return headers
 
 
-def actor_from_key(cur: psycopg.Cursor[Any], key_hash: str | None, headers: dict[str, str]) -> Actor:
-    """Look an API key up (in the request's transaction, as ``service_role``), then act as it.
+def actor_from_claims(claims: dict[str, Any]) -> Actor:
+    """The caller as Postgres sees it, from the claims the request acts with.
 
-    Afterwards the transaction runs as ``authenticated`` with the key's claims, as if the key
-    were an access token: a personal key as its owner, a service key as "key X of org Y".
+    For an API key these are what ``public.api_key_claims`` answered: a personal key acts as its
+    owner (``sub``), a service key as "key X of org Y" (no ``sub``).
     """
-    row = call(cur, "authenticate_api_key", p_key_hash=key_hash)
-    if row is None or row["status"] == "unknown":
-        raise unauthenticated("Unknown API key.")
-    if row["status"] != "active":
-        raise unauthenticated(f"API key is {row['status']}.")
-    upshift = {"key_id": str(row["key_id"]), "kind": row["kind"],
-               "org_id": str(row["org_id"]) if row["org_id"] else None}
-    claims: dict[str, Any] = {"role": "authenticated", "aud": "authenticated", "upshift": upshift}
-    if row["kind"] == "personal":
-        claims["sub"] = str(row["user_id"])
-    act_as(cur, "authenticated", claims, headers)
-    return Actor(claims=claims, user_id=claims.get("sub"), key_id=upshift["key_id"], key_kind=row["kind"],
-                 key_org_id=upshift["org_id"])
+    raw = claims.get("upshift")
+    upshift: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    sub = claims.get("sub")
+    return Actor(claims=claims, user_id=str(sub) if sub else None,
+                 key_id=str(upshift["key_id"]) if upshift.get("key_id") else None,
+                 key_kind=upshift.get("kind"),
+                 key_org_id=str(upshift["org_id"]) if upshift.get("org_id") else None)

@@ -1,14 +1,19 @@
 """``upshift-platform``: the operator and developer command line.
 
-Human output goes to stderr and tables to stdout; ``--json`` prints one JSON document.
-Every failure exits non-zero with a one-line reason.
+Human output goes to stderr and tables to stdout; ``--json`` (on every command) prints one JSON
+document instead. Every failure exits non-zero with a one-line reason; a closed output pipe
+(``... | head -3``) ends the command quietly with status 141, as it would any Unix tool.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import json
 import os
 import secrets
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,7 +24,7 @@ from urllib.parse import urlparse
 import psycopg
 
 from . import embedded
-from .clikit import CliError, database_url, info, is_local
+from .clikit import CliError, connect, database_url, emit, info, is_local
 from .migrate import MigrationError, migrate
 from .paths import project_root
 from .settings import Settings, SettingsError
@@ -33,31 +38,59 @@ SIGNING_KEY_FILE = "audit-signing-key"
 
 
 def cmd_db_up(args: argparse.Namespace) -> None:
+    """Start (creating it the first time) or reuse the embedded server; after a crash, recover it first."""
+    if os.environ.get("DATABASE_URL"):
+        info("note: DATABASE_URL is set; `db up` manages the embedded server, which that variable overrides")
     srv = embedded.up(args.data_dir, args.db_port)
     applied = migrate(srv.url, log=info)
     info(f"PostgreSQL {srv.binaries.version()} ({srv.binaries.source}) in {srv.data_dir}; "
          f"{len(applied)} migration(s) applied")
+    if args.json:
+        emit(args, {"url": srv.url, "data_dir": str(srv.data_dir), "port": srv.port,
+                    "version": srv.binaries.version(), "source": srv.binaries.source,
+                    "migrations_applied": [m.path.name for m in applied], "recovery": srv.recovery})
+        return
     print(srv.url)
 
 
 def cmd_db_down(args: argparse.Namespace) -> None:
-    info("stopped" if embedded.down(args.data_dir) else "not running")
+    srv = embedded.server(args.data_dir)
+    stale = srv.stale_pid()
+    stopped = srv.stop()
+    info("stopped" if stopped else "not running" + (
+        f" (a crashed server's lock file is left, pid {stale}: `db up` recovers it)" if stale else ""))
+    if args.json:
+        emit(args, {"stopped": stopped, "data_dir": str(srv.data_dir), "stale_pid": stale})
 
 
 def cmd_db_url(args: argparse.Namespace) -> None:
-    print(database_url(args, start=False))
+    url = database_url(args, start=False)
+    if args.json:
+        emit(args, {"url": url})
+    else:
+        print(url)
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> None:
     url = database_url(args)
+    connect(url).close()  # a server still recovering: wait for it, rather than fail on the first try
     applied = migrate(url, log=info)
     info(f"{len(applied)} migration(s) applied" if applied else "nothing to apply")
+    if args.json:
+        emit(args, {"applied": [m.path.name for m in applied]})
 
 
 def cmd_db_lint(args: argparse.Namespace) -> None:
-    from .sqlcheck import run
+    from .sqlcheck import check, run
 
-    run(args.server or os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres")
+    server = args.server or os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    if not args.json:
+        run(server)
+        return
+    findings = check(server)
+    emit(args, {"ok": not findings, "findings": findings})
+    if findings:
+        raise SystemExit(1)
 
 
 def cmd_db_reset(args: argparse.Namespace) -> None:
@@ -67,7 +100,7 @@ def cmd_db_reset(args: argparse.Namespace) -> None:
     parsed = urlparse(url)
     dbname = (parsed.path or "/postgres").lstrip("/") or "postgres"
     admin = parsed._replace(path="/template1").geturl()
-    with psycopg.connect(admin, autocommit=True) as conn:
+    with connect(admin, autocommit=True) as conn:
         conn.execute(
             "select pg_terminate_backend(pid) from pg_stat_activity"
             " where datname = %s and pid <> pg_backend_pid()", (dbname,)
@@ -76,7 +109,10 @@ def cmd_db_reset(args: argparse.Namespace) -> None:
         conn.execute(f'create database "{dbname}"')
     applied = migrate(url, log=info)
     info(f"reset {dbname}: {len(applied)} migration(s) applied")
-    print(url)
+    if args.json:
+        emit(args, {"url": url, "database": dbname, "applied": [m.path.name for m in applied]})
+    else:
+        print(url)
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -158,17 +194,40 @@ def start_usage_rollup(url: str, every: float) -> None:
              "(run `upshift-platform usage rollup --every 5`)")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import serve
+def check_port_free(host: str, port: int) -> None:
+    """Refuse at once when something already listens on ``host:port`` (a second ``make run``, say),
+    instead of printing keys and letting the HTTP server fail to bind five times."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CliError(f"cannot listen on {host}: {exc.strerror}") from None
+    family, _type, _proto, _name, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(f"port {port} on {host} is already in use (another `upshift-platform run` or "
+                               "`serve`?): stop it, or pass --port") from None
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import default_workers, serve
+
+    check_port_free(args.host, args.port)
     if not os.environ.get("SUPABASE_JWT_SECRET") and not os.environ.get("SUPABASE_URL"):
         raise CliError("serve needs SUPABASE_JWT_SECRET or SUPABASE_URL to verify access tokens "
                        "(for local development, `upshift-platform run` generates a secret)")
     os.environ.setdefault("DATABASE_URL", database_url(args))
     if check_settings().audit_signing_key is None:
         info("UPSHIFT_AUDIT_SIGNING_KEY not set: audit checkpoints answer 503 signing_not_configured")
+    if args.json:
+        print(json.dumps({"endpoint": f"http://{args.host}:{args.port}", "workers": args.workers or default_workers(),
+                          "threads": args.threads}), flush=True)
     start_usage_rollup(os.environ["DATABASE_URL"], args.usage_rollup_every)
-    serve(args.host, args.port, workers=args.workers)
+    serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -176,16 +235,20 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .demo import demo_data, paste_block
     from .server import serve
 
-    url = database_url(args)
+    check_port_free(args.host, args.port)  # before anything is started or printed
+    url = database_url(args, create=True)
     endpoint = f"http://{args.host}:{args.port}"
     os.environ.setdefault("UPSHIFT_PUBLIC_BASE_URL", endpoint)
     local_env(url)
     check_settings()
     info("loading the demo data (idempotent)")
     data = demo_data(url, endpoint)
-    print(paste_block(data), flush=True)
+    if args.json:
+        print(json.dumps(data), flush=True)  # one line: the demo's endpoint, org, users and keys
+    else:
+        print(paste_block(data), flush=True)
     start_usage_rollup(url, args.usage_rollup_every)
-    serve(args.host, args.port, workers=args.workers)
+    serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -200,7 +263,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise CliError(f"the bench/ scripts are not in {root} (run from a checkout)") from exc
     if not os.environ.get("DATABASE_URL"):
         info("no DATABASE_URL: the benchmarks start their own embedded server in .data/pg-bench")
-    run_all.main([*(["--quick"] if args.quick else []), "--only", args.only])
+    argv = [*(["--quick"] if args.quick else []), "--only", args.only]
+    if not args.json:
+        run_all.main(argv)
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # the tables go to stderr; stdout holds one JSON document
+        results = run_all.main(argv)
+    emit(args, results)
 
 
 # --- token -----------------------------------------------------------------------------------
@@ -219,7 +288,7 @@ def cmd_token(args: argparse.Namespace) -> None:
                            "or start `upshift-platform run` once (it generates one)")
         secret = _read_secret(path)
     url = database_url(args)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with connect(url, autocommit=True) as conn:
         row = conn.execute("select id from auth.users where lower(email) = lower(%s)", (args.email,)).fetchone()
         if row is None:
             if not args.create:
@@ -235,7 +304,10 @@ def cmd_token(args: argparse.Namespace) -> None:
         secret, algorithm="HS256",
     )
     info(f"access token for {args.email} ({row[0]}), valid {args.ttl} s")
-    print(token)
+    if args.json:
+        emit(args, {"token": token, "user_id": str(row[0]), "email": args.email, "expires_at": now + args.ttl})
+    else:
+        print(token)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -251,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(group: Any, name: str, fn: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = group.add_parser(name, help=help_, description=help_)
         p.set_defaults(fn=fn)
+        p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
         return p
 
     def db_target(p: argparse.ArgumentParser) -> None:
@@ -274,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     def server_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
-        p.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="gunicorn worker processes (default: one per core this process may use)")
+        p.add_argument("--threads", type=int, default=8, help="request threads per worker (default 8)")
         p.add_argument("--usage-rollup-every", type=float, default=5.0, metavar="SECONDS",
                        help="run the usage rollup job in the background every SECONDS (default 5; 0: off)")
         p.add_argument("--data-dir", help="embedded data directory (default: .data/postgres)")
@@ -315,8 +390,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = ((exc.diag.message_primary if exc.diag else None) or str(exc) or type(exc).__name__).splitlines()[0]
         state = exc.diag.sqlstate if exc.diag else None
         prefix = "" if state and (state.startswith("PT") or state == "P0001") else "database error: "
+        if isinstance(exc, psycopg.OperationalError) and "connection refused" in str(exc).lower():
+            msg = (f"{msg} (no server is listening there"
+                   + ("; for the embedded one, `upshift-platform db up` starts it, recovering it after a crash)"
+                      if is_local(os.environ.get("DATABASE_URL") or "") else ")"))
         print(f"upshift-platform: {prefix}{msg}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`... | head -3`): stop quietly, as a Unix tool killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush cannot fail either
+        return 128 + 13
     except KeyboardInterrupt:
         return 130
     except SystemExit as exc:

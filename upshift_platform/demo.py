@@ -116,4 +116,3 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
     p = add(sub, "demo", cmd_demo, "create (idempotently) the demo org acme, its users and keys")
     db_target(p)
     p.add_argument("--endpoint", help="the platform's base URL (default: UPSHIFT_PUBLIC_BASE_URL or :8080)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -8,6 +8,13 @@ Binaries come from, in order: ``UPSHIFT_PG_BIN`` (a directory), the pip-installe
 unprivileged OS user (``UPSHIFT_PG_OS_USER``, default ``nobody``); when that user cannot reach
 the binaries or the data directory (a checkout inside a private ``mktemp -d`` folder, say),
 they are placed under ``/var/tmp/upshift-platform`` instead, and that is said on stderr.
+
+After a crash (the postmaster killed with SIGKILL, the machine reset) ``up`` does what a person
+would: it waits for the old server's remaining processes to exit (a backend busy in a long query
+outlives its postmaster until the query ends; they share memory that a new server must not
+attach alongside them), terminates them after ``UPSHIFT_PG_STALE_WAIT`` seconds (default 30),
+removes the stale lock file, lets PostgreSQL's crash recovery replay the WAL, and reports what it
+did (``Server.recovery``), from the server's own log.
 """
 
 from __future__ import annotations
@@ -15,18 +22,22 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .paths import project_root
 
 DEFAULT_PORT = 54329
+PROC = Path("/proc")
 ROOT_FALLBACK = Path("/var/tmp/upshift-platform")  # noqa: S108 (root only; ownership checked)
 
 
@@ -155,12 +166,63 @@ def _effective_data_dir(user: pwd.struct_passwd | None, data_dir: Path) -> Path:
 # --- the server ------------------------------------------------------------------------------
 
 
+def _process_state(pid: int) -> str | None:
+    """The process's state letter (``Z``: a zombie, dead but not reaped), or None when there is none."""
+    try:
+        stat_line = (PROC / str(pid) / "stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "?"
+    return stat_line.rpartition(")")[2].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    """Is ``pid`` a live process? A zombie is not (``kill -0`` and ``pg_ctl status`` say it is)."""
+    if PROC.is_dir():
+        state = _process_state(pid)
+        return state is not None and state not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _postmaster_alive(pid: int) -> bool:
+    """Is ``pid`` a live PostgreSQL process? After a reboot a stale lock file's pid may be another program's."""
+    if not _alive(pid):
+        return False
+    try:
+        return (PROC / str(pid) / "comm").read_text().strip().startswith("postgres")
+    except FileNotFoundError:
+        return not PROC.is_dir()
+    except OSError:
+        return True
+
+
+def _shm_attached(key: int, shmid: int) -> int | None:
+    """How many processes still attach PostgreSQL's System V segment (``/proc/sysvipc/shm``), if known."""
+    try:
+        lines = (PROC / "sysvipc" / "shm").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        f = line.split()
+        if len(f) > 6 and f[0].lstrip("-").isdigit() and int(f[0]) == key and int(f[1]) == shmid:
+            return int(f[6])
+    return 0
+
+
 @dataclass
 class Server:
     data_dir: Path
     port: int
     binaries: Binaries
     user: pwd.struct_passwd | None
+    recovery: dict[str, Any] | None = field(default=None)  # what ``up`` did after a crash, if anything
 
     @property
     def url(self) -> str:
@@ -176,15 +238,135 @@ class Server:
             args, capture_output=True, text=True, env=env, cwd="/", **extra, **kw
         )
 
+    def exists(self) -> bool:
+        """Is there a cluster (``initdb`` done) in the data directory?"""
+        return (self.data_dir / "PG_VERSION").exists()
+
+    def _lock_file(self) -> list[str] | None:
+        try:
+            return (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _postmaster_pid(self) -> int | None:
+        lines = self._lock_file()
+        return int(lines[0]) if lines and lines[0].strip().isdigit() else None
+
     def running_port(self) -> int | None:
-        pid_file = self.data_dir / "postmaster.pid"
-        if not pid_file.exists():
+        """The port of the live server in this data directory, or None (none, or only a stale lock file)."""
+        pid = self._postmaster_pid()
+        if pid is None or not _postmaster_alive(pid):
             return None
-        status = self._run([self.binaries.tool("pg_ctl"), "status", "-D", str(self.data_dir)])
-        if status.returncode != 0:
-            return None
-        lines = pid_file.read_text().splitlines()
+        if not PROC.is_dir():
+            status = self._run([self.binaries.tool("pg_ctl"), "status", "-D", str(self.data_dir)])
+            if status.returncode != 0:
+                return None
+        lines = self._lock_file() or []
         return int(lines[3]) if len(lines) > 3 and lines[3].strip().isdigit() else None
+
+    def stale_pid(self) -> int | None:
+        """The postmaster pid of a lock file left by a server that is gone (killed, crashed), if any."""
+        pid = self._postmaster_pid()
+        return pid if pid is not None and not _postmaster_alive(pid) else None
+
+    def leftover_processes(self) -> list[int]:
+        """Live PostgreSQL processes working in this data directory (a dead postmaster's children)."""
+        if not PROC.is_dir():
+            return []
+        target = self.data_dir.resolve()
+        found = []
+        for entry in PROC.iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if Path(os.readlink(entry / "cwd")) != target:
+                    continue
+                comm = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith("postgres") and _alive(int(entry.name)):
+                found.append(int(entry.name))
+        return sorted(found)
+
+    def _shared_memory_in_use(self) -> bool:
+        lines = self._lock_file() or []
+        fields = lines[6].split() if len(lines) > 6 else []
+        if len(fields) != 2 or not all(f.lstrip("-").isdigit() for f in fields):
+            return False
+        attached = _shm_attached(int(fields[0]), int(fields[1]))
+        return bool(attached)
+
+    def clear_stale(self, wait_s: float | None = None) -> dict[str, Any] | None:
+        """After a crash: wait for the old server's processes, end them past ``wait_s``, drop the lock file.
+
+        Returns what was done (None when the last shutdown was clean).
+        """
+        pid = self.stale_pid()
+        if pid is None:
+            return None
+        wait_s = float(os.environ.get("UPSHIFT_PG_STALE_WAIT") or 30) if wait_s is None else wait_s
+        report: dict[str, Any] = {"stale_postmaster_pid": pid, "waited_s": 0.0, "leftover_pids": [],
+                                  "terminated_pids": []}
+        _say(f"PostgreSQL in {self.data_dir} was not shut down cleanly: its postmaster (pid {pid}) is gone")
+        started = time.monotonic()
+        leftovers = self.leftover_processes()
+        report["leftover_pids"] = leftovers
+        if leftovers:
+            _say(f"waiting up to {wait_s:.0f} s for {len(leftovers)} process(es) of the old server to exit "
+                 f"(pids {', '.join(map(str, leftovers))})")
+        while (leftovers or self._shared_memory_in_use()) and time.monotonic() - started < wait_s:
+            time.sleep(0.2)
+            leftovers = self.leftover_processes()
+        if leftovers:
+            _say(f"still running after {wait_s:.0f} s: terminating pids {', '.join(map(str, leftovers))}")
+            report["terminated_pids"] = leftovers
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                for p in leftovers:
+                    try:
+                        os.kill(p, sig)
+                    except ProcessLookupError:
+                        pass
+                until = time.monotonic() + grace
+                while leftovers and time.monotonic() < until:
+                    time.sleep(0.1)
+                    leftovers = self.leftover_processes()
+                if not leftovers:
+                    break
+            if leftovers:
+                raise EmbeddedError(f"processes of the old server in {self.data_dir} do not exit "
+                                    f"(pids {', '.join(map(str, leftovers))})")
+        if self._shared_memory_in_use():
+            raise EmbeddedError(f"the old server's shared memory in {self.data_dir} is still attached by a process "
+                                "this user cannot see; stop it, then run `upshift-platform db up` again")
+        report["waited_s"] = round(time.monotonic() - started, 2)
+        if report["leftover_pids"]:
+            _say(f"the old server's processes are gone (after {report['waited_s']} s)")
+        # The pid may be a zombie (kill -0 succeeds) or reused: PostgreSQL would refuse its lock file.
+        (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+        return report
+
+    def _recovery_from_log(self, offset: int, report: dict[str, Any]) -> None:
+        try:
+            with open(self.data_dir / "server.log", "rb") as f:
+                f.seek(offset)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return
+        lines = [line.split("LOG:", 1)[1].strip() for line in text.splitlines() if "LOG:" in line]
+        report["log"] = [line for line in lines if re.match(r"database system (was|is ready)|redo ", line)]
+        redo_from = next((m.group(1) for line in lines if (m := re.match(r"redo starts at (\S+)", line))), None)
+        redo_to = next((m.group(1) for line in lines if (m := re.match(r"redo done at (\S+)", line))), None)
+        report["crash_recovery"] = any("automatic recovery in progress" in line for line in lines)
+        report["redo_from"], report["redo_to"] = redo_from, redo_to
+        if redo_from and redo_to:
+            what = f"replayed the write-ahead log from {redo_from} to {redo_to}"
+        elif any("redo is not required" in line for line in lines):
+            what = "found nothing to replay (redo not required)"
+        else:
+            what = "started"
+        report["summary"] = (f"crash recovery: PostgreSQL {what} in {report['start_s']} s; every committed "
+                             "transaction is kept, unfinished ones were rolled back")
+        _say(report["summary"])
 
     def init(self) -> None:
         if (self.data_dir / "PG_VERSION").exists():
@@ -213,10 +395,12 @@ class Server:
         if fast:
             # Throwaway test clusters: durability buys nothing there.
             opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        # Crash recovery can take a while on a big WAL: pg_ctl waits until the server is ready.
+        timeout = os.environ.get("UPSHIFT_PG_START_TIMEOUT") or "300"
         _say(f"starting PostgreSQL on 127.0.0.1:{self.port} ({self.data_dir})")
         done = self._run(
             [
-                self.binaries.tool("pg_ctl"), "start", "-D", str(self.data_dir), "-w", "-t", "60",
+                self.binaries.tool("pg_ctl"), "start", "-D", str(self.data_dir), "-w", "-t", timeout,
                 "-l", str(self.data_dir / "server.log"), "-o", " ".join(opts),
             ]
         )
@@ -260,16 +444,31 @@ def server(data_dir: Path | None = None, port: int | None = None) -> Server:
     if user is not None:
         bins = _copy_binaries_for(user, bins)
     wanted = Path(data_dir or default_data_dir()).resolve()
+    effective = _effective_data_dir(user, wanted)
     return Server(
-        data_dir=_effective_data_dir(user, wanted),
-        port=port or int(os.environ.get("UPSHIFT_PG_PORT", DEFAULT_PORT)),
+        data_dir=effective,
+        port=port or int(os.environ.get("UPSHIFT_PG_PORT") or 0) or _last_port(effective) or DEFAULT_PORT,
         binaries=bins,
         user=user,
     )
 
 
+def _last_port(data_dir: Path) -> int | None:
+    """The port this cluster was last started on (``postmaster.opts``, which PostgreSQL writes at each start),
+    so that a restart after ``db down`` or a crash keeps the URL that was printed before."""
+    try:
+        found = re.search(r'"-p" "(\d+)"', (data_dir / "postmaster.opts").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
 def up(data_dir: Path | None = None, port: int | None = None, *, fast: bool = False) -> Server:
-    """Start (or reuse) the server in ``data_dir``; returns it with its real port."""
+    """Start (or reuse) the server in ``data_dir``; returns it with its real port.
+
+    After a crash, ``clear_stale`` first, then PostgreSQL's own crash recovery; ``Server.recovery``
+    says what happened.
+    """
     srv = server(data_dir, port)
     running = srv.running_port()
     if running is not None:
@@ -278,12 +477,20 @@ def up(data_dir: Path | None = None, port: int | None = None, *, fast: bool = Fa
         srv.port = running
         return srv
     srv.init()
+    recovery = srv.clear_stale()
+    log = srv.data_dir / "server.log"
+    offset = log.stat().st_size if log.exists() else 0
+    began = time.monotonic()
     srv.start(fast=fast)
     deadline = time.monotonic() + 30
     while not _port_taken(srv.port):
         if time.monotonic() > deadline:
             raise EmbeddedError(f"PostgreSQL did not open port {srv.port} in 30 s")
         time.sleep(0.1)
+    if recovery is not None:
+        recovery["start_s"] = round(time.monotonic() - began, 2)
+        srv._recovery_from_log(offset, recovery)
+        srv.recovery = recovery
     return srv
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 from typing import Any, TypeVar
 
 import flask
@@ -59,6 +60,31 @@ def _read(stream: Any, size: int) -> bytes:
         log.warning("request body unreadable: %s", type(exc).__name__)
         raise ApiError(400, "unreadable_body",
                        f"The request body could not be read ({type(exc).__name__}).") from None
+
+
+class ClientGone(ApiError):
+    """The client hung up before its request was started: nothing is done for it (logged as 499)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client_closed_request", "The client closed the connection before the request began.")
+
+
+def client_gone(request: flask.Request) -> bool:
+    """Has the client closed its connection? Checked once the request is read, before any database work.
+
+    Only where the server hands us the socket (gunicorn's ``gunicorn.socket``): a peek that finds the
+    end of the stream means the client sent its request and hung up (it waited too long in a queue,
+    say). Data still unread (a pipelined request) or nothing yet both mean it is still there.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # reset by the peer
 
 
 def abandon_body(request: flask.Request) -> None:
@@ -117,4 +143,7 @@ def error_response(exc: ApiError) -> flask.Response:
     response = json_response(exc.body(), exc.status)
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="upshift"'
+    retry_after = exc.fields.get("retry_after")
+    if isinstance(retry_after, int):
+        response.headers["Retry-After"] = str(retry_after)
     return response

@@ -1,24 +1,29 @@
 """Operator commands: orgs, members, keys, credits and audit, through service_role RPCs.
 
 Every command runs as ``service_role`` in one transaction, calling the same RPCs (and so keeping
-the same rules) as the API. Errors come back as the RPC's one-line message.
+the same rules) as the API. Errors come back as the RPC's one-line message: an unknown org is
+``No org <org>.`` with exit status 1 in every command, because every command resolves it through
+the same RPC (``admin_get_org`` / ``private.operator_org``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import uuid
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import psycopg
 
 from . import csvsafe
-from .clikit import SERVICE, CliError, database_url, emit, service_tx
+from .clikit import SERVICE, CliError, cell, connect, database_url, emit, info, service_tx, sql_error_code
 from .db import act_as, call, connect_kwargs
+from .encoding import dumps
+from .handlers.audit import COLUMNS as EXPORT_COLUMNS
+from .handlers.audit import SELECT as EXPORT_SELECT
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -36,13 +41,20 @@ def _org(cur: psycopg.Cursor[Any], org: str) -> dict[str, Any]:
     return found
 
 
-def _user(cur: psycopg.Cursor[Any], email: str, create: bool = False) -> str:
-    return str(call(cur, "admin_find_user", email=email, create_missing=create))
+def _user(cur: psycopg.Cursor[Any], email: str, create: bool = False, *, can_create: bool = False) -> str:
+    """A user's id by email. ``can_create``: the command has ``--create-user``, and the error says so."""
+    try:
+        return str(call(cur, "admin_find_user", email=email, create_missing=create))
+    except psycopg.Error as exc:
+        if can_create and sql_error_code(exc) == "user_not_found":
+            raise CliError(f"No user with email {email}: they must sign in once first (Supabase Auth creates "
+                           "the user then), or pass --create-user to create them now") from None
+        raise
 
 
 def _account(cur: psycopg.Cursor[Any], args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(org, user_id) from --org / --email."""
-    if getattr(args, "org", None):
+    """(org, user_id) from --org / --email (an empty --org is an org that does not exist, not "no org")."""
+    if getattr(args, "org", None) is not None:
         return args.org, None
     return None, _user(cur, args.email)
 
@@ -58,7 +70,8 @@ def _account_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def orgs_create(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
-        admin = _user(cur, args.admin_email, args.create_user) if args.admin_email else None
+        admin = (_user(cur, args.admin_email, args.create_user, can_create=True)
+                 if args.admin_email is not None else None)
         org = call(cur, "admin_create_org", name=args.name, slug=args.slug, plan=args.plan, admin_user_id=admin)
     _emit(args, org)
 
@@ -66,10 +79,10 @@ def orgs_create(args: argparse.Namespace) -> None:
 def orgs_list(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         rows = cur.execute(
-            "select o.id, o.slug, o.name, o.plan, a.balance as credit_balance,"
+            "select o.id, o.slug, o.name, o.plan, a.balance,"
             " (select count(*) from public.org_members m where m.org_id = o.id) as members, o.created_at"
             " from public.orgs o join public.credit_accounts a on a.id = o.id order by o.slug").fetchall()
-    _emit(args, rows, rows, ("slug", "name", "plan", "credit_balance", "members", "id"))
+    _emit(args, rows, rows, ("slug", "name", "plan", "balance", "members", "id"))
 
 
 def orgs_set_plan(args: argparse.Namespace) -> None:
@@ -82,18 +95,21 @@ def orgs_set_plan(args: argparse.Namespace) -> None:
 
 def members_add(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
-        user = _user(cur, args.email, args.create_user)
+        _org(cur, args.org)  # an unknown org first, as in every command
+        user = _user(cur, args.email, args.create_user, can_create=True)
         _emit(args, call(cur, "admin_add_member", org=args.org, user_id=user, role=args.role))
 
 
 def members_set_role(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
+        _org(cur, args.org)  # an unknown org first, as in every command
         user = _user(cur, args.email)
         _emit(args, call(cur, "admin_set_member_role", org=args.org, user_id=user, role=args.role))
 
 
 def members_remove(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
+        _org(cur, args.org)  # an unknown org first, as in every command
         user = _user(cur, args.email)
         _emit(args, call(cur, "admin_remove_member", org=args.org, user_id=user))
 
@@ -112,6 +128,8 @@ def members_list(args: argparse.Namespace) -> None:
 
 def keys_create(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
+        if args.org is not None:
+            _org(cur, args.org)
         user = _user(cur, args.email)
         key = call(cur, "admin_create_api_key", user_id=user, name=args.name, kind=args.kind, org=args.org,
                    expires_at=args.expires_at)
@@ -124,11 +142,11 @@ def keys_create(args: argparse.Namespace) -> None:
 
 def keys_list(args: argparse.Namespace) -> None:
     where, params = ["true"], {}
-    if args.email:
-        where.append("lower(p.email) = lower(%(email)s)")
-        params["email"] = args.email
     with service_tx(_url(args)) as cur:
-        if args.org:
+        if args.email is not None:  # an unknown user is an error, not an empty list
+            where.append("k.user_id = %(user)s")
+            params["user"] = _user(cur, args.email)
+        if args.org is not None:
             where.append("k.org_id = %(org)s")
             params["org"] = _org(cur, args.org)["id"]
         rows = cur.execute(
@@ -152,6 +170,8 @@ def credits_grant(args: argparse.Namespace) -> None:
     key = args.idempotency_key or f"cli:{uuid.uuid4()}"
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
+        if org is not None:
+            org = str(_org(cur, org)["id"])  # the one resolver, so its error is every command's error
         out = call(cur, "grant_credits", amount=args.amount, reason=args.reason, org=org, user_id=user,
                    idempotency_key=key, metadata={"via": "upshift-platform", "note": args.note} if args.note
                    else {"via": "upshift-platform"})
@@ -162,9 +182,11 @@ def credits_balance(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
         row: dict[str, Any] | None
-        if org:
+        if org is not None:
             found = _org(cur, org)
-            row = {"account": found["slug"], "plan": found["plan"], "balance": found["credit_balance"]}
+            row = cur.execute("select o.slug as account, o.plan, a.balance from public.orgs o"
+                              " join public.credit_accounts a on a.id = o.id where o.id = %s",
+                              (found["id"],)).fetchone()
         else:
             row = cur.execute("select p.email as account, p.plan, a.balance from public.profiles p"
                               " join public.credit_accounts a on a.id = p.id where p.id = %s", (user,)).fetchone()
@@ -174,7 +196,7 @@ def credits_balance(args: argparse.Namespace) -> None:
 def credits_history(args: argparse.Namespace) -> None:
     with service_tx(_url(args)) as cur:
         org, user = _account(cur, args)
-        account = _org(cur, org)["id"] if org else user
+        account = _org(cur, org)["id"] if org is not None else user
         rows = cur.execute(
             "select t.created_at, t.amount, t.balance_after, t.reason, t.actor_user_id as user_id, t.service_key_id,"
             " coalesce(t.idempotency_key, t.system_key) as idempotency_key, t.id from public.credit_transactions t"
@@ -209,57 +231,80 @@ AUDIT_SELECT = ("select l.id, l.seq, l.created_at, l.event_type, l.actor_kind, l
 
 def _scope(cur: psycopg.Cursor[Any], args: argparse.Namespace) -> str:
     org, user = _account(cur, args)
-    return str(_org(cur, org)["id"]) if org else str(user)
+    return str(_org(cur, org)["id"]) if org is not None else str(user)
+
+
+def _seal(url: str) -> None:
+    """Move committed events still in the outbox into the chain (the sealer does it within a second)."""
+    with service_tx(url) as cur:
+        call(cur, "seal_audit_logs")
 
 
 def audit_tail(args: argparse.Namespace) -> None:
     url = _url(args)
+    _seal(url)
     with service_tx(url) as cur:
         scope = _scope(cur, args)
         rows = cur.execute(f"{AUDIT_SELECT} where l.scope_id = %s order by l.seq desc limit %s",
                            (scope, args.n)).fetchall()[::-1]
     columns = ("seq", "created_at", "event_type", "actor_kind", "resource_type", "resource_id")
-    _emit(args, rows, rows, columns)
+    if args.follow and args.json:  # a stream: one JSON object per line (NDJSON), the first rows included
+        for row in rows:
+            print(dumps(row), flush=True)
+    else:
+        _emit(args, rows, rows, columns)
     last = rows[-1]["seq"] if rows else 0
     while args.follow:
         time.sleep(2)
+        _seal(url)
         with service_tx(url) as cur:
             new = cur.execute(f"{AUDIT_SELECT} where l.scope_id = %s and l.seq > %s order by l.seq",
                               (scope, last)).fetchall()
         for row in new:
-            print(json.dumps(row, default=str) if args.json else
-                  "  ".join(str(row[c]) for c in columns), flush=True)
+            print(dumps(row) if args.json else "  ".join(cell(row[c]) for c in columns), flush=True)
             last = row["seq"]
 
 
 def audit_export(args: argparse.Namespace) -> None:
+    """Every event of a log, streamed: the HTTP export's columns, row order and encoding (CSV or NDJSON).
+
+    ``--output`` is written under a temporary name and renamed when complete: a failed export leaves
+    no partial file behind, and an unknown org no empty one.
+    """
     url = _url(args)
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    _seal(url)
     count = 0
-    try:
-        with psycopg.connect(url, **connect_kwargs()) as conn, conn.transaction():
-            with conn.cursor() as cur:
-                act_as(cur, "service_role", SERVICE)
-                scope = _scope(cur, args)
+    target = Path(args.output) if args.output else None
+    partial = target.with_name(f".{target.name}.partial") if target else None
+    with connect(url, **connect_kwargs()) as conn, conn.transaction():
+        with conn.cursor() as cur:
+            act_as(cur, "service_role", SERVICE)
+            scope = _scope(cur, args)
+        out = open(partial, "w", newline="") if partial else sys.stdout  # closed below
+        try:
             with conn.cursor(name="audit_export") as named:
                 named.itersize = 2000
-                named.execute(f"{AUDIT_SELECT} where l.scope_id = %s order by l.seq", (scope,))
-                header = False
+                named.execute(f"{EXPORT_SELECT} where l.scope_id = %s order by l.created_at, l.id", (scope,))
+                if args.format == "csv":
+                    out.write(csvsafe.line(EXPORT_COLUMNS))
                 for row in named:
                     if args.format == "csv":
-                        if not header:
-                            out.write(csvsafe.line(row))
-                            header = True
-                        out.write(csvsafe.line(row.values()))  # formula-like cells escaped, as the API does
+                        out.write(csvsafe.line(row[c] for c in EXPORT_COLUMNS))  # formula-like cells escaped
                     else:
-                        out.write(json.dumps(row, default=str, separators=(",", ":")) + "\n")
+                        out.write(dumps(row) + "\n")
                     count += 1
-                    if count % 10000 == 0:
-                        print(f"[export] {count} rows", file=sys.stderr, flush=True)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"[export] {count} rows written{' to ' + args.output if args.output else ''}", file=sys.stderr)
+                    if count % 10000 == 0 and target:
+                        info(f"[export] {count} rows")
+            out.flush()
+        except BaseException:
+            if partial:
+                out.close()
+                partial.unlink(missing_ok=True)
+            raise
+    if partial and target:
+        out.close()
+        partial.replace(target)
+    info(f"[export] {count} rows written{' to ' + str(target) if target else ''}")
 
 
 def audit_verify(args: argparse.Namespace) -> None:
@@ -276,10 +321,56 @@ def audit_verify(args: argparse.Namespace) -> None:
         raise SystemExit(3)
 
 
+PURGED_SQL = """
+select l.scope_id, coalesce(o.slug, p.email) as log, case when l.org_id is null then 'user' else 'org' end as kind,
+       (l.metadata ->> 'retention_days')::integer as retention_days, (l.metadata ->> 'cutoff')::timestamptz as cutoff,
+       (l.metadata ->> 'deleted')::bigint as events, (l.metadata ->> 'through_seq')::bigint as through_seq
+from public.audit_logs l
+left join public.orgs o on o.id = l.org_id
+left join public.profiles p on p.id = l.scope_id and l.org_id is null
+where l.event_type = 'audit_purged' and l.xmin = pg_current_xact_id()::xid
+order by kind, log
+"""
+
+
+class AsOf(NamedTuple):
+    text: str  # as typed, for messages
+    moment: datetime
+
+
+def _as_of(text: str) -> AsOf:
+    """``--as-of``: an ISO 8601 date or time; without an offset it is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-01-31 or 2026-01-31T12:00:00Z)") from None
+    return AsOf(text, moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+
+
 def audit_purge(args: argparse.Namespace) -> None:
-    with service_tx(_url(args)) as cur:
-        result = call(cur, "purge_audit_logs", as_of=args.as_of)
-    _emit(args, result)
+    """Without ``--yes``, the purge runs in a transaction that is rolled back: it reports exactly what
+    ``--yes`` would delete (the same SQL, ``purge_audit_logs``), and deletes nothing."""
+    with connect(_url(args), **connect_kwargs()) as conn:
+        with conn.transaction(force_rollback=not args.yes), conn.cursor() as cur:
+            act_as(cur, "service_role", SERVICE)
+            try:
+                result = call(cur, "purge_audit_logs", as_of=args.as_of.moment if args.as_of else None)
+            except psycopg.Error as exc:
+                if args.as_of and sql_error_code(exc) == "invalid_as_of":
+                    raise CliError(f"--as-of {args.as_of.text} is in the future: purging as of a later time would "
+                                   "delete events that are still inside their retention; refused") from None
+                raise
+            logs = cur.execute(PURGED_SQL).fetchall()  # each shortened log's audit_purged event, this transaction
+    out = {"dry_run": not args.yes, **result, "logs": logs}
+    _emit(args, out, logs, ("log", "kind", "retention_days", "cutoff", "events", "through_seq"))
+    if args.json:
+        return
+    what = f"{result['deleted']} event(s) in {result['scopes']} log(s) (as of {cell(result['as_of'])})"
+    if args.yes:
+        info(f"deleted {what}; each of those logs now starts with an audit_purged event and still verifies")
+    else:
+        info(f"dry run: would delete {what}; nothing was deleted. Run again with --yes to delete them.")
 
 
 def audit_retention(args: argparse.Namespace) -> None:
@@ -306,7 +397,7 @@ def usage_rollup(args: argparse.Namespace) -> None:
             _emit(args, result)
             return
         if result.get("folded") or args.json:
-            print(json.dumps(result) if args.json else
+            print(dumps(result) if args.json else
                   f"closed through {result['closed_through']}: folded {result['folded']} spend(s)", flush=True)
         time.sleep(args.every)
 
@@ -322,7 +413,6 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
     def cmd(g: Any, name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = add(g, name, fn, help_)
         db_target(p)
-        p.add_argument("--json", action="store_true", help="print JSON")
         return p
 
     g = group("orgs", "orgs: create, list, set-plan")
@@ -389,15 +479,19 @@ def add_commands(sub: Any, add: Any, db_target: Any) -> None:
     p = cmd(g, "tail", audit_tail, "the latest events of an org or a user")
     _account_args(p)
     p.add_argument("-n", type=int, default=20)
-    p.add_argument("--follow", action="store_true", help="keep printing new events")
+    p.add_argument("--follow", action="store_true", help="keep printing new events (with --json: one JSON object "
+                   "per line)")
     p = cmd(g, "export", audit_export, "export every event (streamed)")
     _account_args(p)
     p.add_argument("--format", choices=["ndjson", "csv"], default="ndjson")
     p.add_argument("--output", help="file (default: stdout)")
     p = cmd(g, "verify", audit_verify, "recompute the hash chain (exit 3 when broken)")
     _account_args(p)
-    p = cmd(g, "purge", audit_purge, "delete events past each scope's retention (keeps a checkpoint)")
-    p.add_argument("--as-of", type=datetime.fromisoformat, help="purge as if it were this time (default now)")
+    p = cmd(g, "purge", audit_purge, "report (dry run, the default) or, with --yes, delete the events past each "
+            "log's retention; a purge keeps a checkpoint and records audit_purged in each log it shortens")
+    p.add_argument("--yes", action="store_true", help="delete them (without it: only say what would be deleted)")
+    p.add_argument("--as-of", type=_as_of, help="purge as if it were this time, ISO 8601, UTC unless it says "
+                   "otherwise (default now; a time in the future is refused)")
     p = cmd(g, "retention", audit_retention, "set an org's audit retention")
     p.add_argument("--org", required=True)
     p.add_argument("--days", required=True, help="days, or 'default' for the plan's")

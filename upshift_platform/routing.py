@@ -43,7 +43,18 @@ from pydantic import BaseModel
 from .auth import Authenticator, Credential, request_headers
 from .db import Database
 from .errors import ApiError
-from .http import MAX_BODY_BYTES, abandon_body, api_error, error_response, json_response, read_body, too_large, validate
+from .http import (
+    MAX_BODY_BYTES,
+    ClientGone,
+    abandon_body,
+    api_error,
+    client_gone,
+    error_response,
+    json_response,
+    read_body,
+    too_large,
+    validate,
+)
 from .session import Backend, OpenSession, Row, Session, caller_session
 from .settings import Settings
 
@@ -214,6 +225,8 @@ class Route:
     def _handle(self, ctx: Ctx) -> flask.Response:
         """Inputs (path, query, body: 400/413 before any transaction), then the handler, then its answer."""
         kwargs = {name: get(ctx) for _, name, get in self._inputs}
+        if (self._session or self._open_session or self._backend) and client_gone(ctx.request):
+            raise ClientGone()  # it hung up while the request waited: no transaction for nobody
         if self._backend:
             kwargs[self._backend] = Backend(ctx.platform.db)
         if self._open_session:
@@ -295,8 +308,10 @@ def _as_caller(ctx: Ctx) -> Iterator[Session]:
     credential = ctx.credential or plat.auth.credential(ctx.request.headers.get("Authorization"))
     headers = request_headers(ctx.request, plat.settings.trusted_networks)
     with caller_session(plat.db, credential, headers) as db:
-        ctx.actor_id = db.actor.id
-        yield db
+        try:
+            yield db
+        finally:
+            ctx.actor_id = db.known_actor_id()
 
 
 class Router:
@@ -355,7 +370,7 @@ class Router:
             err = api_error(exc, rid)
             if route is not None and err.fields.get("field") in route.fields:
                 err.fields["field"] = route.fields[err.fields["field"]]
-            if route is not None and route.on_reject is not None and err.status < 500:
+            if route is not None and route.on_reject is not None and err.status < 500 and err.status != 499:
                 route.on_reject(ctx, err)
             response = error_response(err)
         abandon_body(request)

@@ -18,59 +18,82 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-import psycopg
-
-from .auth import Actor, Credential, actor_from_key
-from .db import Database, call
+from .auth import Actor, Credential, actor_from_claims
+from .db import Database, RequestTx, call_sql
 
 Row = dict[str, Any]
 
 
 class Tx:
-    """One open transaction: RPCs and reads."""
+    """One open transaction: RPCs and reads (sent lazily, see ``db.RequestTx``)."""
 
-    def __init__(self, cur: psycopg.Cursor[Row]) -> None:
-        self.cur = cur
+    def __init__(self, tx: RequestTx) -> None:
+        self.tx = tx
 
-    def call(self, function: str, /, **args: Any) -> object:
-        """``public.<function>(name => value, ...)``'s JSON answer (``function`` is a literal, never input)."""
-        result: object = call(self.cur, function, **args)
-        return result
+    def call(self, function: str, /, *, last: bool = False, **args: Any) -> object:
+        """``public.<function>(name => value, ...)``'s JSON answer (``function`` is a literal, never input).
 
-    def call_dict(self, function: str, /, **args: Any) -> Row:
+        ``last=True``: nothing follows in this transaction, so the statement is sent with its COMMIT
+        (one round trip for the whole request, and the rows it locks are held no longer than the
+        server needs). The answer is then already committed when the handler sees it.
+        """
+        sql, params = call_sql(function, args)
+        rows = self.tx.run(sql, params, last=last)
+        return rows[0]["result"] if rows else None
+
+    def call_dict(self, function: str, /, *, last: bool = False, **args: Any) -> Row:
         """The answer of an RPC that answers a JSON object."""
-        result = self.call(function, **args)
+        result = self.call(function, last=last, **args)
         if not isinstance(result, dict):
             raise TypeError(f"public.{function} answered {type(result).__name__}, not an object")
         return result
 
     def query(self, sql: str, params: dict[str, Any]) -> list[Row]:
         """The rows of a read built from our own SQL text (values only ever as ``params``)."""
-        return self.cur.execute(sql, params).fetchall()
+        return self.tx.run(sql, params)
 
 
 class Session(Tx):
     """The request's one transaction, acting as the caller."""
 
-    def __init__(self, cur: psycopg.Cursor[Row], actor: Actor, headers: dict[str, str]) -> None:
-        super().__init__(cur)
-        self.actor = actor
+    def __init__(self, tx: RequestTx, credential: Credential, headers: dict[str, str]) -> None:
+        super().__init__(tx)
+        self._credential = credential
+        self._actor: Actor | None = None
         self.headers = headers
+
+    @property
+    def actor(self) -> Actor:
+        """Who the caller is; for an API key, known once the database has looked it up (with the first statement)."""
+        if self._actor is None:
+            if self._credential.kind == "jwt":
+                claims = self._credential.claims
+            else:
+                claims = self.tx.ensure_claims() or {}
+            self._actor = actor_from_claims(claims)
+        return self._actor
+
+    def known_actor_id(self) -> str | None:
+        """The caller's id if it is known without asking the database (for the request's log line)."""
+        if self._actor is None and (self._credential.kind == "jwt" or self.tx.claims is not None):
+            return self.actor.id
+        return None if self._actor is None else self._actor.id
 
 
 @contextmanager
 def caller_session(database: Database, credential: Credential, headers: dict[str, str]) -> Iterator[Session]:
     """Open the request's one transaction, acting as the caller ``credential`` names.
 
-    A JWT was verified before (``Authenticator.credential``); an API key is looked up here, in
-    the same transaction: no extra round trip per request.
+    A JWT was verified before (``Authenticator.credential``); an API key is looked up by the database
+    in the same transaction, in the same message as the request's first statement
+    (``public.api_key_claims``): no round trip of its own.
     """
     if credential.kind == "jwt":
-        with database.request("authenticated", credential.claims, headers) as cur:
-            yield Session(cur, Actor(claims=credential.claims, user_id=str(credential.claims["sub"])), headers)
+        with database.transaction("authenticated", credential.claims, headers) as tx:
+            yield Session(tx, credential, headers)
         return
-    with database.request("service_role", None, headers) as cur:
-        yield Session(cur, actor_from_key(cur, credential.key_hash, headers), headers)
+    with database.transaction("service_role", None, headers, api_key_hash=credential.key_hash) as tx:
+        yield Session(tx, credential, headers)
 
 
 class OpenSession:
@@ -94,5 +117,5 @@ class Backend:
 
     @contextmanager
     def __call__(self) -> Iterator[Tx]:
-        with self._database.request("service_role") as cur:
-            yield Tx(cur)
+        with self._database.transaction("service_role") as tx:
+            yield Tx(tx)

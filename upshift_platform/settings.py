@@ -105,6 +105,7 @@ class Settings:
     pool_min: int = 1
     pool_max: int = 10
     statement_timeout_ms: int = 5000
+    pool_timeout_s: float = 5.0  # the longest a request waits for a pooled connection before a 503
     # UPSHIFT_PRICES: applied to the credit_prices table when the platform starts; None leaves it as it is.
     prices: dict[str, int] | None = None
     trusted_proxies: tuple[str, ...] = ()
@@ -143,6 +144,7 @@ class Settings:
             pool_min=_int(env, "UPSHIFT_DB_POOL_MIN", 1),
             pool_max=_int(env, "UPSHIFT_DB_POOL_MAX", 10),
             statement_timeout_ms=_int(env, "UPSHIFT_STATEMENT_TIMEOUT_MS", 5000),
+            pool_timeout_s=_int(env, "UPSHIFT_DB_POOL_TIMEOUT_MS", 5000) / 1000,
             prices=_prices(env.get("UPSHIFT_PRICES")),
             trusted_proxies=proxies,
             public_base_url=(env.get("UPSHIFT_PUBLIC_BASE_URL") or "").rstrip("/") or None,

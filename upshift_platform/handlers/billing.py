@@ -41,9 +41,10 @@ def idempotency_key(ctx: Ctx, body_key: str | None) -> str | None:
 def consume(ctx: Ctx, body: Consume, db: Session) -> dict[str, Any]:
     # debit_credits resolves the org context (explicit, the key's, the default org, or none) and checks
     # the action's price, the count and the caller's role there: every rule is the database's.
+    # last=True: the debit travels with its COMMIT (one round trip; the pool's row is held only server-side).
     result = db.call_dict("debit_credits", amount=body.count, reason=body.action, org=explicit_org(ctx, body.org_id),
                           idempotency_key=idempotency_key(ctx, body.idempotency_key),
-                          metadata={"action": body.action, "count": body.count})
+                          metadata={"action": body.action, "count": body.count}, last=True)
     ctx.note_org(result.get("org_id"))
     return result
 
