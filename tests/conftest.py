@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def template_db(pg_server_url: str) -> Iterator[str]:
     try:
         yield name
     finally:
+        if _dropper is not None:
+            _dropper.close()
         rows = admin.execute(
             "select datname from pg_database where datname like %s", (f"upshift_test_{RUN_ID}_%",)
         ).fetchall()
@@ -80,8 +83,35 @@ def template_db(pg_server_url: str) -> Iterator[str]:
 _counter = iter(range(1, 1_000_000))
 
 
+class _Dropper:
+    """Drops each test's database once the test is done, in the background (a DROP DATABASE waits for a
+    checkpoint): a run no longer keeps a thousand databases until it ends, which filled a shared server's disk."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="drop-test-databases", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            server, name = item
+            try:
+                with psycopg.connect(server, autocommit=True) as admin:
+                    admin.execute(f'drop database if exists "{name}" with (force)')
+            except psycopg.Error:
+                pass  # the session's end drops whatever is left
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=120)
+
+
+_dropper: _Dropper | None = None
+
+
 @pytest.fixture
-def db_url(pg_server_url: str, template_db: str) -> str:
+def db_url(pg_server_url: str, template_db: str) -> Iterator[str]:
+    global _dropper
     name = f"upshift_test_{RUN_ID}_{next(_counter)}"
     with psycopg.connect(pg_server_url, autocommit=True) as admin:
         for attempt in range(50):
@@ -90,7 +120,10 @@ def db_url(pg_server_url: str, template_db: str) -> str:
                 break
             except psycopg.errors.ObjectInUse:  # template briefly busy
                 time.sleep(0.05 * (attempt + 1))
-    return _with_db(pg_server_url, name)
+    yield _with_db(pg_server_url, name)
+    if _dropper is None:
+        _dropper = _Dropper()
+    _dropper.queue.put((pg_server_url, name))
 
 
 @pytest.fixture
