@@ -70,8 +70,6 @@ def template_db(pg_server_url: str) -> Iterator[str]:
     try:
         yield name
     finally:
-        if _dropper is not None:
-            _dropper.close()
         rows = admin.execute(
             "select datname from pg_database where datname like %s", (f"upshift_test_{RUN_ID}_%",)
         ).fetchall()
@@ -84,34 +82,38 @@ _counter = iter(range(1, 1_000_000))
 
 
 class _Dropper:
-    """Drops each test's database once the test is done, in the background (a DROP DATABASE waits for a
-    checkpoint): a run no longer keeps a thousand databases until it ends, which filled a shared server's disk."""
+    """Drops each test's database once the test is over, in the background: a run of 1,000 tests would
+    otherwise keep 1,000 copies of the schema on the server until it ends (a shared server's disk fills
+    up when several runs go at once), and a drop waits for a checkpoint, which the tests need not wait for."""
 
-    def __init__(self) -> None:
-        self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.names: queue.Queue[str | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="drop-test-databases", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            server, name = item
+        while (name := self.names.get()) is not None:
             try:
-                with psycopg.connect(server, autocommit=True) as admin:
+                with psycopg.connect(self.server_url, autocommit=True) as admin:
                     admin.execute(f'drop database if exists "{name}" with (force)')
             except psycopg.Error:
-                pass  # the session's end drops whatever is left
+                pass  # the session's end sweeps whatever is left
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=120)
+        self.names.put(None)
+        self.thread.join(60)
 
 
-_dropper: _Dropper | None = None
+@pytest.fixture(scope="session")
+def _dropper(pg_server_url: str, template_db: str) -> Iterator[_Dropper]:
+    dropper = _Dropper(pg_server_url)
+    yield dropper
+    dropper.close()  # before template_db's sweep (this fixture depends on it, so it ends first)
 
 
 @pytest.fixture
-def db_url(pg_server_url: str, template_db: str) -> Iterator[str]:
-    global _dropper
+def db_url(pg_server_url: str, template_db: str, _dropper: _Dropper) -> Iterator[str]:
     name = f"upshift_test_{RUN_ID}_{next(_counter)}"
     with psycopg.connect(pg_server_url, autocommit=True) as admin:
         for attempt in range(50):
@@ -121,9 +123,7 @@ def db_url(pg_server_url: str, template_db: str) -> Iterator[str]:
             except psycopg.errors.ObjectInUse:  # template briefly busy
                 time.sleep(0.05 * (attempt + 1))
     yield _with_db(pg_server_url, name)
-    if _dropper is None:
-        _dropper = _Dropper()
-    _dropper.queue.put((pg_server_url, name))
+    _dropper.names.put(name)
 
 
 @pytest.fixture

@@ -202,7 +202,8 @@ BACKEND_ONLY = [
     "purge_audit_logs", "admin_add_member", "admin_create_api_key", "admin_find_user", "admin_create_org",
     "admin_set_member_role", "admin_remove_member", "admin_revoke_api_key", "admin_set_org_plan",
     "admin_verify_audit_log", "admin_set_audit_retention", "admin_get_org", "admin_set_prices", "seal_audit_logs", "admin_set_slices",
-    "api_key_claims", "usage_rollup",
+    "api_key_claims",
+    "usage_rollup",
 ]
 
 

@@ -182,18 +182,6 @@ def check_settings() -> Settings:
         raise CliError(str(exc)) from None
 
 
-def start_usage_rollup(url: str, every: float) -> None:
-    """The usage rollup job in a background thread of this (the gunicorn master) process; 0 turns it off."""
-    from .usage_job import start_background
-
-    if every > 0:
-        start_background(url, every)
-        info(f"usage rollup every {every:g} s (--usage-rollup-every)")
-    else:
-        info("usage rollup off: GET /api/orgs/{org}/usage reads the whole range from the ledger "
-             "(run `upshift-platform usage rollup --every 5`)")
-
-
 def check_port_free(host: str, port: int) -> None:
     """Refuse at once when something already listens on ``host:port`` (a second ``make run``, say),
     instead of printing keys and letting the HTTP server fail to bind five times."""
@@ -213,6 +201,18 @@ def check_port_free(host: str, port: int) -> None:
             raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+def start_usage_rollup(url: str, every: float) -> None:
+    """The usage rollup job in a background thread of this (the gunicorn master) process; 0 turns it off."""
+    from .usage_job import start_background
+
+    if every > 0:
+        start_background(url, every)
+        info(f"usage rollup every {every:g} s (--usage-rollup-every)")
+    else:
+        info("usage rollup off: GET /api/orgs/{org}/usage reads the whole range from the ledger "
+             "(run `upshift-platform usage rollup --every 5`)")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import default_workers, serve
 
@@ -223,10 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.environ.setdefault("DATABASE_URL", database_url(args))
     if check_settings().audit_signing_key is None:
         info("UPSHIFT_AUDIT_SIGNING_KEY not set: audit checkpoints answer 503 signing_not_configured")
+    start_usage_rollup(os.environ["DATABASE_URL"], args.usage_rollup_every)
     if args.json:
         print(json.dumps({"endpoint": f"http://{args.host}:{args.port}", "workers": args.workers or default_workers(),
                           "threads": args.threads}), flush=True)
-    start_usage_rollup(os.environ["DATABASE_URL"], args.usage_rollup_every)
     serve(args.host, args.port, workers=args.workers, threads=args.threads)
 
 

@@ -173,8 +173,8 @@ language plpgsql volatile security definer set search_path = '' as $$
 begin
   -- Every transaction of this database in progress now, but ours: its virtual transaction id (held from its first
   -- statement to its end, xid or not; released only after its commit is visible), and prepared transactions
-  -- (which keep their rows pending with no backend). A backend of another database cannot write our ledger, nor can
-  -- autovacuum; a backend whose database we cannot tell is kept.
+  -- (which keep their rows pending with no backend). A backend of another database cannot write our ledger; a
+  -- backend whose database we cannot tell is kept.
   perform pg_catalog.pg_stat_clear_snapshot();
   return coalesce((
     select array_agg(x.id order by x.id) from (
@@ -183,7 +183,6 @@ begin
       left join pg_catalog.pg_stat_activity s on s.pid = l.pid
       where l.locktype = 'virtualxid' and l.mode = 'ExclusiveLock' and l.granted
         and l.pid is distinct from pg_catalog.pg_backend_pid()
-        and s.backend_type is distinct from 'autovacuum worker'  -- it writes no rows; a long one would hold W back
         and (s.datid is null or s.datid = (select d.oid from pg_catalog.pg_database d
                                            where d.datname = pg_catalog.current_database()))
       union all
