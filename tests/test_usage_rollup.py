@@ -424,3 +424,46 @@ def test_spends_during_runs_are_counted_once(db_url, conn, acme):
     assert got == ledger > 0
     folded = conn.execute("select coalesce(sum(spent), 0) as n from private.usage_days").fetchone()["n"]
     assert folded == ledger  # all of it from the rollup now
+
+
+def test_a_revoked_key_sees_nothing(conn, acme):
+    """The CI key's own rows are in the rollup; once it is revoked it is refused, like any stranger."""
+    with conn.transaction(force_rollback=True), conn.cursor() as cur:
+        insert(cur, acme, [("ci", -3, BASE + timedelta(hours=3))])
+        rollup(cur)
+        assert usage(cur, acme, "ci", BASE, NOW, "")["total_spent"] == 3
+        cur.execute("update public.api_keys set revoked_at = now() where id = %s", (acme["ci"],))
+        set_role(cur, "authenticated", caller_claims(acme, "ci"))
+        state, _ = refused(cur, "select public.org_usage('acme')")
+        assert state == "PT403"
+        cur.execute("reset role")
+
+
+def test_up_to_cannot_move_w_past_what_is_proved(conn):
+    """up_to only holds W back: a time in the future still closes no later than the job's own proof."""
+    with conn.transaction(force_rollback=True), conn.cursor() as cur:
+        result = rollup(cur, up_to=datetime.now(UTC) + timedelta(days=365))
+        assert result["closed_through"] < datetime.now(UTC) - timedelta(seconds=4)
+
+
+def test_a_backdated_write_in_flight_makes_the_job_skip(db_url, acme):
+    """A transaction writing below W holds the state row FOR SHARE until it ends: the job skips rather than move W
+    past a row it cannot see yet; once the writer commits, the row is counted exactly once."""
+    with psycopg.connect(db_url, row_factory=dict_row) as c, c.cursor() as cur:
+        rollup(cur)
+        c.commit()
+    writer = psycopg.connect(db_url, row_factory=dict_row)
+    try:
+        wcur = writer.cursor()
+        insert(wcur, acme, [("member", -4, datetime.now(UTC) - timedelta(seconds=30)),
+                            ("member", -2, datetime.now(UTC) - timedelta(days=1))])  # both before W
+        assert job(db_url)["skipped"] is True
+        writer.commit()
+    finally:
+        writer.close()
+    time.sleep(5.5)
+    assert job(db_url)["skipped"] is False
+    since = datetime.now(UTC) - timedelta(days=2)
+    assert total(db_url, acme, since) == (6, 6)
+    with psycopg.connect(db_url, row_factory=dict_row) as c:
+        assert c.execute("select sum(spends) as n from private.usage_days").fetchone()["n"] == 2
