@@ -254,6 +254,23 @@ def test_a_member_removed_during_a_spend_cannot_spend_after(db_url, conn, world,
         "credit_balance"] == 50
 
 
+def _spend_in_background(session: psycopg.Connection[Any], sql: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``sql`` (a spend) in its own transaction on a thread; the outcome's ``result`` or ``error`` once joined."""
+    outcome: dict[str, Any] = {}
+
+    def spend() -> None:
+        try:
+            outcome["result"] = session.execute(sql).fetchone()
+            session.commit()
+        except psycopg.Error as exc:
+            session.rollback()
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=spend)
+    thread.start()
+    return thread, outcome
+
+
 @pytest.mark.parametrize(("change", "sliced"), [
     pytest.param("delete from public.org_members where user_id = %(m)s", False, id="row_deleted"),
     pytest.param("update public.org_members set role = 'viewer' where user_id = %(m)s", False, id="row_demoted"),
@@ -270,22 +287,11 @@ def test_a_membership_changed_outside_our_rpcs_during_a_spend_still_wins(db_url,
         conn.execute("select public.admin_set_slices('acme', 4)")
     owner = psycopg.connect(db_url, row_factory=dict_row)
     spender = _session(db_url, member)
-    outcome: dict[str, Any] = {}
-
-    def spend():
-        try:
-            outcome["result"] = spender.execute("select public.debit_credits(1, 'explain', 'acme') as r").fetchone()
-            spender.commit()
-        except psycopg.Error as exc:
-            spender.rollback()
-            outcome["error"] = exc
-
     try:
         owner.execute(change, {"m": member})
         if sliced:  # a slice is not the row the change bumps: hold the slices as a removal through our RPCs would
             owner.execute("select 1 from public.credit_slices where account_id = %s for update", (org,))
-        thread = threading.Thread(target=spend)
-        thread.start()
+        thread, outcome = _spend_in_background(spender, "select public.debit_credits(1, 'explain', 'acme') as r")
         assert _blocked(conn, spender.info.backend_pid), "the spend should wait for the change"
         owner.commit()
         thread.join(10)
@@ -307,20 +313,9 @@ def test_a_revoked_service_key_cannot_finish_a_spend(db_url, conn, world):
                (json.dumps({"role": "authenticated", "upshift": {"key_id": ci["id"], "kind": "service",
                                                                   "org_id": org}}),))
     t2.commit()
-    outcome: dict[str, Any] = {}
-
-    def spend():
-        try:
-            outcome["result"] = t2.execute("select public.debit_credits(1, 'explain') as r").fetchone()
-            t2.commit()
-        except psycopg.Error as exc:
-            t2.rollback()
-            outcome["error"] = exc
-
     try:
         t1.execute("select public.revoke_api_key(%s)", (ci["id"],))
-        thread = threading.Thread(target=spend)
-        thread.start()
+        thread, outcome = _spend_in_background(t2, "select public.debit_credits(1, 'explain') as r")
         assert _blocked(conn, t2.info.backend_pid)
         t1.commit()
         thread.join(10)
